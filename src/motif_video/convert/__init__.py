@@ -1,0 +1,1 @@
+"""Checkpoint formats: the diffusers folder layout, the original Motif layout, and GGUF."""

@@ -1,0 +1,167 @@
+"""The diffusers folder layout for the transformer: config.json + safetensors, sharded with an index json.
+
+Loading builds the model on the meta device and assigns the file's tensors, so a 2B model never exists twice in
+memory. Every problem (missing file, corrupt shard, key or shape mismatch) is one CheckpointError line.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from ..errors import CheckpointError, ConfigError
+from ..hub import resolve_model_dir
+from .layouts import detect_layout, to_model_layout
+
+WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
+INDEX_NAME = "diffusion_pytorch_model.safetensors.index.json"
+
+
+def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+        raise CheckpointError(f"corrupt or truncated safetensors file {path}: {str(e).splitlines()[0]}") from None
+
+
+def read_state_dict(folder: Path) -> dict[str, torch.Tensor]:
+    """All tensors of a folder: an index json naming shards, or one safetensors file."""
+    index = folder / INDEX_NAME
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise CheckpointError(f"corrupt shard index {index}: {e}") from None
+        state_dict = {}
+        for shard in sorted(set(weight_map.values())):
+            if not (folder / shard).is_file():
+                raise CheckpointError(f"missing checkpoint shard {folder / shard} (named in {index.name})")
+            state_dict.update(read_safetensors(folder / shard))
+        missing = set(weight_map) - set(state_dict)
+        if missing:
+            raise CheckpointError(f"shards in {folder} lack {len(missing)} tensors named in the index, e.g. "
+                                  f"{sorted(missing)[0]}")
+        return state_dict
+    files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        raise CheckpointError(f"no safetensors weights in {folder}")
+    preferred = folder / WEIGHTS_NAME
+    return read_safetensors(preferred if preferred.is_file() else files[0])
+
+
+def check_state_dict(model: torch.nn.Module, state_dict: dict, source: str) -> None:
+    expected = {k: v.shape for k, v in model.state_dict().items()}
+    missing = sorted(set(expected) - set(state_dict))
+    unexpected = sorted(set(state_dict) - set(expected))
+    if missing or unexpected:
+        parts = []
+        if missing:
+            parts.append(f"{len(missing)} missing (e.g. {missing[0]})")
+        if unexpected:
+            parts.append(f"{len(unexpected)} unexpected (e.g. {unexpected[0]})")
+        raise CheckpointError(f"checkpoint {source} does not match its config: " + ", ".join(parts))
+    for key, shape in expected.items():
+        if tuple(state_dict[key].shape) != tuple(shape):
+            raise CheckpointError(f"checkpoint {source} does not match its config: {key} has shape "
+                                  f"{tuple(state_dict[key].shape)}, the config needs {tuple(shape)}")
+
+
+def build_on_meta(cls, config):
+    with torch.device("meta"):
+        return cls(config)
+
+
+def load_config(folder: Path):
+    from ..model.config import TransformerConfig
+
+    return TransformerConfig.from_json_file(folder / "config.json")
+
+
+def load_transformer_folder(cls, ref, subfolder=None, *, torch_dtype=None, device="cpu"):
+    folder = resolve_model_dir(ref, subfolder)
+    if not (folder / "config.json").is_file():
+        raise CheckpointError(f"{folder} is not a transformer folder: it has no config.json")
+    config = load_config(folder)
+    state_dict = read_state_dict(folder)
+    if detect_layout(state_dict) in ("original", "tied"):
+        config = config.replace(cross_attention_form="tied")
+    state_dict = to_model_layout(state_dict, config.cross_attention_form)
+    return model_from_state_dict(cls, config, state_dict, str(folder), torch_dtype=torch_dtype, device=device)
+
+
+def model_from_state_dict(cls, config, state_dict, source: str, *, torch_dtype=None, device="cpu"):
+    model = build_on_meta(cls, config)
+    check_state_dict(model, state_dict, source)
+    if torch_dtype is not None:
+        state_dict = {k: v.to(torch_dtype) for k, v in state_dict.items()}
+    model.load_state_dict(state_dict, assign=True)
+    return model.to(device)
+
+
+def shard_state_dict(state_dict: dict, max_shard_size: int) -> list[dict]:
+    shards, current, size = [], {}, 0
+    for key, tensor in state_dict.items():
+        nbytes = tensor.numel() * tensor.element_size()
+        if current and size + nbytes > max_shard_size:
+            shards.append(current)
+            current, size = {}, 0
+        current[key] = tensor
+        size += nbytes
+    shards.append(current)
+    return shards
+
+
+def save_state_dict_folder(state_dict: dict, config_json: dict, folder: str | Path, max_shard_size: int) -> Path:
+    """Write config + weights; each file goes to a temporary name first and is renamed, so no half file remains."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    state_dict = {k: v.detach().contiguous().cpu() for k, v in state_dict.items()}
+    for stale in [*folder.glob("diffusion_pytorch_model*.safetensors"), folder / INDEX_NAME]:
+        stale.unlink(missing_ok=True)
+    shards = shard_state_dict(state_dict, max_shard_size)
+    names = [WEIGHTS_NAME] if len(shards) == 1 else [
+        f"diffusion_pytorch_model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))
+    ]
+    for shard, name in zip(shards, names):
+        _atomic_write(folder / name, lambda tmp, shard=shard: save_file(shard, str(tmp), metadata={"format": "pt"}))
+    if len(shards) > 1:
+        index = {
+            "metadata": {"total_size": sum(t.numel() * t.element_size() for t in state_dict.values())},
+            "weight_map": {k: name for shard, name in zip(shards, names) for k in shard},
+        }
+        _atomic_write(folder / INDEX_NAME, lambda tmp: tmp.write_text(json.dumps(index, indent=2)))
+    _atomic_write(folder / "config.json", lambda tmp: tmp.write_text(json.dumps(config_json, indent=2) + "\n"))
+    return folder
+
+
+def save_transformer_folder(model, folder, max_shard_size: int) -> Path:
+    return save_state_dict_folder(model.state_dict(), model.config.to_diffusers_json(), folder, max_shard_size)
+
+
+def _atomic_write(path: Path, write) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    write(tmp)
+    os.replace(tmp, path)
+
+
+def load_any_config(config, cls_config=None):
+    """A TransformerConfig from a folder, hub id, dict, preset name or TransformerConfig."""
+    from ..model.config import PRESETS, TransformerConfig, preset
+
+    if isinstance(config, TransformerConfig):
+        return config
+    if isinstance(config, dict):
+        return TransformerConfig.from_dict(config)
+    if isinstance(config, (str, os.PathLike)):
+        if str(config) in PRESETS:
+            return preset(str(config))
+        folder = resolve_model_dir(config)
+        if (folder / "transformer" / "config.json").is_file():
+            folder = folder / "transformer"
+        return TransformerConfig.from_json_file(folder / "config.json")
+    raise ConfigError("config must be a folder, hub id, preset name, dict or TransformerConfig")
