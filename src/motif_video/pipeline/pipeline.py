@@ -1,0 +1,332 @@
+"""MotifVideoPipeline: text-to-video and image-to-video generation with our transformer and the release's components.
+
+Reads the released Hugging Face layout (`model_index.json`, `transformer/`, `text_encoder/`, `tokenizer/`, `vae/`,
+`scheduler/`, optional `feature_extractor/`). An optional `motif_video.json` in the folder gives generation defaults
+(size, frames, steps, guidance, shift, fps) for models other than the release, such as the shipped nano model.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from ..errors import CheckpointError, MotifVideoError
+from ..hub import resolve_model_dir
+from ..model.transformer import MotifVideoTransformer
+from .guidance import make_guidance
+from .sampler import make_scheduler
+from .text import PromptEncoder, check_prompt, pad_and_stack
+from .vae import LatentCodec
+
+# The release's default negative prompt (model card / official workflows).
+DEFAULT_NEGATIVE_PROMPT = (
+    "text overlay, graphic overlay, watermark, logo, subtitles, timestamp, broadcast graphics, UI elements, random "
+    "letters, frozen pose, rigid, static expression, jerky motion, mechanical motion, discontinuous motion, flat "
+    "framing, depthless, dull lighting, monotone, crushed shadows, blown-out highlights, shifting background, fading "
+    "background, poor continuity, identity drift, deformation, flickering, ghosting, smearing, duplication, mutated "
+    "proportions, inconsistent clothing, flat colors, desaturated, tonally compressed, poor background separation, "
+    "exposure shift, uneven brightness, color balance shift"
+)
+
+
+@dataclass
+class GenerationDefaults:
+    """Per-model defaults; the release values unless the model folder's motif_video.json says otherwise."""
+
+    height: int = 736
+    width: int = 1280
+    num_frames: int = 121
+    num_inference_steps: int = 50
+    guidance_scale: float = 8.0
+    guider: str = "apg"
+    shift: float = 15.0  # T2V
+    image_shift: float = 8.0  # I2V (official workflows)
+    solver: str = "euler"
+    fps: int = 24
+    negative_prompt: str = DEFAULT_NEGATIVE_PROMPT
+    max_sequence_length: int = 512
+    apg_norm_threshold: float = 12.0
+    apg_momentum: float = 0.1
+    apg_eta: float = 0.0
+
+    @classmethod
+    def from_folder(cls, folder: Path) -> "GenerationDefaults":
+        path = folder / "motif_video.json"
+        if not path.is_file():
+            return cls()
+        try:
+            data = json.loads(path.read_text())
+        except json.JSONDecodeError as e:
+            raise CheckpointError(f"{path} is not valid JSON: {e}") from None
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in data.get("generation", data).items() if k in known})
+
+
+def _component_class(library: str, name: str):
+    import diffusers
+    import transformers
+
+    module = {"transformers": transformers, "diffusers": diffusers}.get(library)
+    cls = getattr(module, name, None) if module else None
+    if cls is None:
+        raise CheckpointError(f"model_index.json names an unknown component class {library}.{name}")
+    return cls
+
+
+def check_video_size(height: int, width: int, num_frames: int, temporal: int = 4, spatial: int = 16) -> None:
+    if num_frames < 1 or (num_frames - 1) % temporal:
+        raise MotifVideoError(f"frames must be {temporal}k+1 (e.g. 17, 33, 121), got {num_frames}")
+    if height < spatial or width < spatial or height % spatial or width % spatial:
+        raise MotifVideoError(f"height and width must be positive multiples of {spatial}, got {height}x{width}")
+
+
+class MotifVideoPipeline:
+    def __init__(self, transformer: MotifVideoTransformer, vae, text_encoder, tokenizer, image_processor=None,
+                 defaults: GenerationDefaults | None = None):
+        self.transformer = transformer
+        self.codec = LatentCodec(vae)
+        self.prompts = PromptEncoder(tokenizer, text_encoder)
+        self.image_processor = image_processor
+        self.defaults = defaults or GenerationDefaults()
+        self.prompts.max_length = self.defaults.max_sequence_length
+        self.execution_device = torch.device("cpu")
+        self.offload = False
+
+    # -- loading ---------------------------------------------------------------------------------------------------
+    @classmethod
+    def from_pretrained(cls, ref: str | Path, *, gguf: str | Path | None = None, device: str | None = None,
+                        dtype: torch.dtype | None = None, offload: bool = False) -> "MotifVideoPipeline":
+        """Load a model folder (or hub id); `gguf` replaces the transformer by a quantised file."""
+        folder = resolve_model_dir(ref)
+        index_path = folder / "model_index.json"
+        if not index_path.is_file():
+            raise CheckpointError(f"{folder} is not a Motif-Video model folder: it has no model_index.json")
+        try:
+            index = json.loads(index_path.read_text())
+        except json.JSONDecodeError as e:
+            raise CheckpointError(f"{index_path} is not valid JSON: {e}") from None
+        for part in ("transformer", "vae", "text_encoder", "tokenizer"):
+            if part not in index or not (folder / part).is_dir():
+                raise CheckpointError(f"{folder} is not a complete model folder: missing {part}/")
+        device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        # fp32 on CPU: bf16 matmuls there run hundreds of times slower.
+        dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
+
+        if gguf is not None:
+            transformer = MotifVideoTransformer.from_single_file(gguf, config=folder / "transformer",
+                                                                 compute_dtype=dtype)
+        else:
+            transformer = MotifVideoTransformer.from_pretrained(folder, subfolder="transformer", torch_dtype=dtype)
+        transformer.eval().requires_grad_(False)
+
+        def load(part, **kwargs):
+            library, name = index[part]
+            try:
+                return _component_class(library, name).from_pretrained(str(folder / part), **kwargs)
+            except (OSError, ValueError, RuntimeError) as e:
+                raise CheckpointError(f"cannot load {part}/ from {folder}: {str(e).splitlines()[0]}") from None
+
+        vae = load("vae", torch_dtype=torch.float32 if device.type == "cpu" else dtype).eval()
+        text_encoder = load("text_encoder", torch_dtype=dtype).eval()
+        tokenizer = load("tokenizer")
+        image_processor = load("feature_extractor") if "feature_extractor" in index and \
+            index["feature_extractor"][0] and (folder / "feature_extractor").is_dir() else None
+        pipe = cls(transformer, vae, text_encoder, tokenizer, image_processor, GenerationDefaults.from_folder(folder))
+        if offload:
+            pipe.enable_model_cpu_offload(device)
+        else:
+            pipe.to(device)
+        return pipe
+
+    def to(self, device) -> "MotifVideoPipeline":
+        self.execution_device = torch.device(device)
+        for module in self._modules():
+            module.to(self.execution_device)
+        return self
+
+    def enable_model_cpu_offload(self, device) -> None:
+        """Keep components on the CPU and move only the active one to `device` (text encoder -> transformer -> VAE)."""
+        self.execution_device = torch.device(device)
+        self.offload = True
+        for module in self._modules():
+            module.to("cpu")
+
+    def enable_vae_tiling(self) -> None:
+        self.codec.enable_tiling()
+
+    def _modules(self):
+        return [self.transformer, self.codec.vae, self.prompts.text_encoder]
+
+    def _activate(self, module):
+        if self.offload:
+            for other in self._modules():
+                if other is not module:
+                    other.to("cpu")
+            module.to(self.execution_device)
+            if self.execution_device.type == "cuda":
+                torch.cuda.empty_cache()
+
+    # -- conditioning ----------------------------------------------------------------------------------------------
+    def _image_tensor(self, image, height: int, width: int) -> torch.Tensor:
+        """A first frame (path, PIL image, or array) -> (1, 3, 1, H, W) in [-1, 1], resized like diffusers."""
+        from PIL import Image, UnidentifiedImageError
+
+        if isinstance(image, (str, Path)):
+            path = Path(image)
+            if not path.is_file():
+                raise MotifVideoError(f"image file not found: {path}")
+            try:
+                image = Image.open(path)
+                image.load()
+            except (UnidentifiedImageError, OSError):
+                raise MotifVideoError(f"cannot read image file {path}") from None
+        if isinstance(image, np.ndarray):
+            image = Image.fromarray(image.astype(np.uint8) if image.dtype != np.uint8 else image)
+        if not isinstance(image, Image.Image):
+            raise MotifVideoError("image must be a file path, a PIL image or an HxWx3 uint8 array")
+        image = image.convert("RGB").resize((width, height), resample=Image.LANCZOS)
+        pixels = torch.from_numpy(np.asarray(image, dtype=np.float32) / 127.5 - 1.0)  # (H, W, 3)
+        return pixels.permute(2, 0, 1)[None, :, None]
+
+    def _image_tokens(self, first_frame: torch.Tensor) -> torch.Tensor | None:
+        """SigLIP tokens of the first frame from the text encoder's vision tower (None if the model has none)."""
+        vision = getattr(self.prompts.text_encoder, "vision_tower", None)
+        if vision is None or self.transformer.config.image_embed_dim is None:
+            return None
+        rgb01 = ((first_frame[:, :, 0] + 1) / 2).clamp(0, 1)  # (1, 3, H, W)
+        if self.image_processor is not None:
+            pixels = self.image_processor.preprocess(images=rgb01, do_resize=True, do_rescale=False,
+                                                     do_normalize=True, do_convert_rgb=True,
+                                                     return_tensors="pt")["pixel_values"]
+        else:
+            size = vision.config.image_size
+            pixels = torch.nn.functional.interpolate(rgb01, size=(size, size), mode="bicubic", antialias=True)
+            pixels = (pixels - 0.5) / 0.5
+        param = next(vision.parameters())
+        with torch.no_grad():
+            return vision(pixel_values=pixels.to(param.device, param.dtype)).last_hidden_state
+
+    # -- generation ------------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def __call__(
+        self,
+        prompt: str | list[str],
+        negative_prompt: str | list[str] | None = None,
+        image=None,
+        height: int | None = None,
+        width: int | None = None,
+        num_frames: int | None = None,
+        num_inference_steps: int | None = None,
+        guidance_scale: float | None = None,
+        generator: torch.Generator | None = None,
+        latents: torch.Tensor | None = None,
+        output_type: str = "np",
+        *,
+        guider: str | None = None,
+        shift: float | None = None,
+        solver: str | None = None,
+        progress: bool = True,
+    ):
+        """Generate videos. Returns frames: "np" float (B, T, H, W, 3) in [0, 1], "pt" (B, T, 3, H, W), "pil" lists.
+
+        `negative_prompt=None` uses the release's default negative prompt; pass "" for an empty one. `latents`
+        (B, 16, T', H', W') fixes the initial noise, so runs are comparable across implementations.
+        """
+        d = self.defaults
+        prompts = check_prompt(prompt)
+        height, width = height or d.height, width or d.width
+        num_frames = num_frames or d.num_frames
+        steps = num_inference_steps or d.num_inference_steps
+        scale = d.guidance_scale if guidance_scale is None else guidance_scale
+        check_video_size(height, width, num_frames, self.codec.temporal_factor,
+                         self.codec.spatial_factor * self.transformer.config.patch_size)
+        if output_type not in ("np", "pt", "pil", "latent"):
+            raise MotifVideoError(f"output_type must be np, pt, pil or latent, got {output_type!r}")
+        negative = d.negative_prompt if negative_prompt is None else negative_prompt
+        negatives = [negative] * len(prompts) if isinstance(negative, str) else list(negative)
+        if len(negatives) != len(prompts):
+            raise MotifVideoError(f"{len(negatives)} negative prompts for {len(prompts)} prompts")
+        batch = len(prompts)
+        device = self.execution_device
+        use_guidance = scale != 1.0
+
+        # 1. First frame (I2V) and text
+        first_frame = self._image_tensor(image, height, width) if image is not None else None
+        self._activate(self.prompts.text_encoder)
+        image_tokens = self._image_tokens(first_frame) if first_frame is not None else None
+        cond = self.prompts.encode(prompts)
+        if use_guidance:  # cond and uncond run as one batch through the transformer
+            text, text_mask = pad_and_stack([cond, self.prompts.encode(negatives)])
+        else:
+            text, text_mask = cond
+        dtype = next(self.transformer.parameters()).dtype
+        text = text.to(device, dtype)
+        text_mask = text_mask.to(device) if text_mask is not None else None
+        if image_tokens is not None:
+            image_tokens = image_tokens.to(device, dtype).expand(text.shape[0], -1, -1)
+
+        # 2. Initial noise, condition latent and mask
+        latent_frames, latent_h, latent_w = self.codec.latent_shape(num_frames, height, width)
+        shape = (batch, self.codec.latent_channels, latent_frames, latent_h, latent_w)
+        if latents is None:
+            latents = torch.randn(shape, generator=generator, device=generator.device if generator else "cpu")
+        elif tuple(latents.shape) != shape:
+            raise MotifVideoError(f"latents must have shape {shape}, got {tuple(latents.shape)}")
+        latents = latents.to(device, torch.float32)
+        condition = torch.zeros_like(latents)
+        mask = torch.zeros_like(latents[:, :1])
+        if first_frame is not None:
+            self._activate(self.codec.vae)
+            condition[:, :, :1] = self.codec.encode(first_frame).to(device)
+            mask[:, :, 0] = 1.0
+        conditioning = torch.cat([condition, mask], dim=1)
+
+        # 3. Denoise
+        shift = shift if shift is not None else (d.image_shift if first_frame is not None else d.shift)
+        scheduler = make_scheduler(solver or d.solver, shift, steps, device=device)
+        guidance = make_guidance(guider or d.guider, scale, norm_threshold=d.apg_norm_threshold,
+                                 momentum=d.apg_momentum, eta=d.apg_eta) if use_guidance else None
+        self._activate(self.transformer)
+        copies = 2 if use_guidance else 1
+        for t in tqdm(scheduler.timesteps, desc="denoising", disable=not progress, leave=False):
+            model_input = torch.cat([latents, conditioning], dim=1).repeat(copies, 1, 1, 1, 1).to(dtype)
+            velocity = self.transformer(model_input, t.expand(model_input.shape[0]).to(device), text, text_mask,
+                                        image_tokens).float()
+            if guidance is not None:
+                velocity = guidance(*velocity.chunk(2))
+            latents = scheduler.step(velocity, t, latents, return_dict=False)[0]
+
+        if output_type == "latent":
+            return latents
+        # 4. Decode
+        self._activate(self.codec.vae)
+        video = self.codec.decode(latents)  # (B, 3, T, H, W) in [-1, 1]
+        video = ((video + 1) / 2).clamp(0, 1).permute(0, 2, 1, 3, 4).cpu()  # (B, T, 3, H, W)
+        if output_type == "pt":
+            return video
+        frames = video.permute(0, 1, 3, 4, 2).numpy()  # (B, T, H, W, 3)
+        if output_type == "np":
+            return frames
+        from PIL import Image
+
+        return [[Image.fromarray((f * 255).round().astype(np.uint8)) for f in clip] for clip in frames]
+
+    def describe(self) -> dict:
+        return {"defaults": asdict(self.defaults), "transformer": self.transformer.config.to_dict()}
+
+
+def generate_to_file(pipe: MotifVideoPipeline, path: str | Path, fps: int | None = None, **kwargs) -> dict:
+    """Generate one clip and write it (mp4/gif/PNG folder); returns timing facts. No partial file on failure."""
+    from .video_io import write_video
+
+    start = time.perf_counter()
+    frames = pipe(output_type="np", **kwargs)[0]
+    write_video((frames * 255).round().astype(np.uint8), path, fps=fps or pipe.defaults.fps)
+    return {"seconds": time.perf_counter() - start, "frames": frames.shape[0], "height": frames.shape[1],
+            "width": frames.shape[2]}
