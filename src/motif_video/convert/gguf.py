@@ -248,6 +248,13 @@ class GGUFLinear(nn.Module):
             "weight", torch.empty(byte_shape((out_features, in_features), self.qtype), dtype=torch.uint8, device=device))
         self.bias = nn.Parameter(torch.empty(out_features, dtype=compute_dtype, device=device)) if bias else None
 
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        # nn.Linear's key order (weight, then bias), which a buffer-then-parameter module would otherwise reverse
+        for name in ("weight", "bias"):
+            tensor = getattr(self, name)
+            if tensor is not None:
+                destination[prefix + name] = tensor if keep_vars else tensor.detach()
+
     def dequantized_weight(self) -> torch.Tensor:
         return dequantize(self.weight, self.qtype, self.compute_dtype)
 
