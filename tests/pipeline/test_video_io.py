@@ -181,3 +181,15 @@ def test_bad_inputs_raise_one_line_errors(tmp_path):
         write_video(_index_clip(t=2), tmp_path / "c.avi")
     with pytest.raises(MotifVideoError, match="does not exist"):
         write_video(_index_clip(t=2), tmp_path / "nope" / "c.mp4")
+
+
+def test_single_png_image(tmp_path):
+    x = np.random.default_rng(3).integers(0, 256, (1, 10, 14, 3), dtype=np.uint8)
+    out = write_video(x, tmp_path / "im.png")
+    np.testing.assert_array_equal(read_video(out), x)
+    assert probe_video(out)["frames"] == 1 and probe_video(out)["width"] == 14
+    with pytest.raises(MotifVideoError, match="one frame"):
+        write_video(np.concatenate([x, x]), tmp_path / "two.png")
+    (tmp_path / "junk.png").write_bytes(b"\x89PNG garbage")
+    with pytest.raises(MotifVideoError, match="junk.png"):
+        read_video(tmp_path / "junk.png")

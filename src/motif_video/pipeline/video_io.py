@@ -1,4 +1,5 @@
-"""Reading and writing clips: H.264 `.mp4` (PyAV), `.gif` (Pillow) and folders of PNG frames.
+"""Reading and writing clips: H.264 `.mp4` (PyAV), `.gif` (Pillow), folders of PNG frames, and single images
+(`.png`, 1-frame clips: the image half of joint image + video data).
 
 Frames are always uint8 RGB arrays shaped (T, H, W, 3) at the boundary of this module. Writes go to a temporary
 name next to the destination and are renamed into place at the end, so an interrupted or failed write never
@@ -21,10 +22,12 @@ from PIL import Image
 
 from ..errors import MotifVideoError
 
-__all__ = ["write_video", "read_video", "probe_video", "to_uint8_frames", "VIDEO_EXTENSIONS"]
+__all__ = ["write_video", "read_video", "probe_video", "to_uint8_frames", "VIDEO_EXTENSIONS", "IMAGE_EXTENSIONS"]
 
 # Extensions read through PyAV; `.gif` is written with Pillow but read with PyAV like the rest.
 VIDEO_EXTENSIONS = (".mp4", ".mov", ".mkv", ".webm", ".avi", ".gif")
+# Still images, read with Pillow as 1-frame clips.
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 # A PNG-frame folder records its frame rate here; folders without it are read at DEFAULT_FPS.
 FOLDER_META = "video.json"
 DEFAULT_FPS = 24.0
@@ -58,7 +61,7 @@ def to_uint8_frames(frames) -> np.ndarray:
 
 
 def _kind(path: Path, raw: str) -> str:
-    """'mp4', 'gif' or 'folder' from the destination's spelling."""
+    """'mp4', 'gif', 'png' or 'folder' from the destination's spelling."""
     if raw.endswith(("/", os.sep)) or path.suffix == "":
         return "folder"
     suffix = path.suffix.lower()
@@ -66,7 +69,11 @@ def _kind(path: Path, raw: str) -> str:
         return "mp4"
     if suffix == ".gif":
         return "gif"
-    raise MotifVideoError(f"cannot write {path.name}: use .mp4, .gif, or a folder path (no extension) for PNG frames")
+    if suffix == ".png":
+        return "png"
+    raise MotifVideoError(
+        f"cannot write {path.name}: use .mp4, .gif, .png (one frame), or a folder path (no extension) for PNG frames"
+    )
 
 
 def _rate(fps: float) -> Fraction:
@@ -87,6 +94,7 @@ def write_video(frames, path, fps: float = 24, *, crf: int = 18) -> Path:
     `.mp4`: H.264 (libx264, yuv420p, constant quality `crf`). yuv420p stores colour at half resolution, so an odd
     width or height is padded by one replicated row/column to the next even size (read back as the padded size).
     `.gif`: Pillow, looping; GIF stores delays in 1/100 s, so the rate is rounded to such a delay (24 fps -> 25).
+    `.png`: a single frame (T must be 1).
     No extension or a trailing '/': a folder of `frame_00000.png`... plus `video.json` holding the fps.
     """
     raw = os.fspath(path)
@@ -96,10 +104,12 @@ def write_video(frames, path, fps: float = 24, *, crf: int = 18) -> Path:
     arr = to_uint8_frames(frames)
     if not path.parent.is_dir():
         raise MotifVideoError(f"cannot write {path}: folder {path.parent} does not exist")
+    if kind == "png" and arr.shape[0] != 1:
+        raise MotifVideoError(f"cannot write {arr.shape[0]} frames to {path.name}: a .png holds one frame")
     if kind == "folder":
         _write_folder_atomic(arr, path, rate)
     else:
-        writer = _write_mp4 if kind == "mp4" else _write_gif
+        writer = {"mp4": _write_mp4, "gif": _write_gif, "png": _write_png}[kind]
         _write_file_atomic(path, lambda tmp: writer(arr, tmp, rate, crf))
     return path
 
@@ -143,6 +153,10 @@ def _write_gif(arr: np.ndarray, tmp: Path, rate: Fraction, crf: int) -> None:
     images = [Image.fromarray(frame) for frame in arr]
     duration_ms = max(10, int(round(100.0 / float(rate))) * 10)  # GIF delays are whole 1/100 s
     images[0].save(tmp, format="GIF", save_all=True, append_images=images[1:], duration=duration_ms, loop=0)
+
+
+def _write_png(arr: np.ndarray, tmp: Path, rate: Fraction, crf: int) -> None:
+    Image.fromarray(arr[0]).save(tmp, format="PNG")
 
 
 def _write_folder_atomic(arr: np.ndarray, path: Path, rate: Fraction) -> None:
@@ -196,6 +210,9 @@ def _open_source(path: Path) -> _Source:
         return _Source(fps, folder_frames(), lambda: None)
     if path.stat().st_size == 0:
         raise MotifVideoError(f"{path} is empty (0 bytes)")
+    if path.suffix.lower() in IMAGE_EXTENSIONS:
+        frame = _read_png(path)
+        return _Source(DEFAULT_FPS, iter([(0.0, lambda: frame)]), lambda: None)
     try:
         container = av.open(os.fspath(path))
     except av.FFmpegError as e:
@@ -236,7 +253,7 @@ def _folder_fps(path: Path) -> float:
     return fps
 
 
-def _read_png(path: Path) -> np.ndarray:
+def _read_png(path: Path) -> np.ndarray:  # any Pillow-readable image
     try:
         with Image.open(path) as im:
             return np.asarray(im.convert("RGB"))
@@ -317,6 +334,9 @@ def _take_by_time(src: _Source, num_frames: int | None, fps: float, start: int) 
 def probe_video(path) -> dict:
     """{'frames', 'height', 'width', 'fps'} of a clip without decoding its pictures when the container says."""
     path = Path(path)
+    if path.suffix.lower() in IMAGE_EXTENSIONS and path.is_file():
+        h, w, _ = read_video(path).shape[1:]
+        return {"frames": 1, "height": int(h), "width": int(w), "fps": DEFAULT_FPS}
     if path.is_dir() or not path.exists():
         src = _open_source(path)  # raises for a missing path or an empty folder
         files = sorted(path.glob("*.png"))

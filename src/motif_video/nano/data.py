@@ -1,0 +1,357 @@
+"""Procedural data for the nano model: one coloured shape on a plain dark background, captioned in plain English.
+
+Every clip is a function of (seed, kind, index) alone, so datasets are reproducible, any sample can be rebuilt
+without generating the ones before it, and the attribute combinations are balanced in blocks (each block of 210
+clips holds every colour x shape x motion x size once). The object keeps its size and colour, stays fully inside
+the frame and moves in a straight line at constant speed, which is what the analytic evaluator
+(`motif_video.eval`) checks for.
+
+Captions come from two disjoint wordings: `train_caption` (templates and synonyms used in the training data) and
+`heldout_caption` (other templates and verbs, for evaluation prompts), so the evaluation can tell memorised
+phrasing from understood attributes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from dataclasses import asdict, dataclass
+from functools import lru_cache
+from itertools import product
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import MotifVideoError
+
+COLORS: dict[str, tuple[int, int, int]] = {
+    "red": (220, 40, 40),
+    "green": (40, 200, 60),
+    "blue": (50, 90, 230),
+    "yellow": (230, 220, 50),
+    "cyan": (40, 210, 220),
+    "magenta": (210, 50, 200),
+    "white": (235, 235, 235),
+}
+SHAPES = ("circle", "square", "triangle")
+MOTIONS = ("left", "right", "up", "down", "static")
+SIZES = ("small", "large")
+BACKGROUND = (18, 18, 22)
+
+# Half the side of the object's bounding box, as a fraction of the frame side. The gap between the two ranges
+# keeps "small" and "large" apart even after the per-clip jitter.
+HALF_EXTENT = {"small": (0.10, 0.13), "large": (0.19, 0.23)}
+# Total travel over a moving clip, as a fraction of the frame side (capped by the room the object has).
+TRAVEL = (0.30, 0.50)
+MARGIN_PX = 1.0  # the object never touches the border, so it is never cut off
+COLOR_JITTER = 10  # per-channel, per-clip: colours vary a little but never toward a neighbouring colour
+
+_KIND_ID = {"clip": 0, "image": 1, "prompt": 2}
+
+
+@dataclass(frozen=True)
+class Attributes:
+    color: str
+    shape: str
+    size: str
+    motion: str | None  # None for images
+
+    def __post_init__(self):
+        if self.color not in COLORS or self.shape not in SHAPES or self.size not in SIZES:
+            raise MotifVideoError(f"unknown attributes {self}")
+        if self.motion is not None and self.motion not in MOTIONS:
+            raise MotifVideoError(f"unknown motion {self.motion!r}")
+
+
+@dataclass
+class Sample:
+    attributes: Attributes
+    frames: np.ndarray  # (T, S, S, 3) uint8
+    caption: str
+    centers: np.ndarray  # (T, 2) object centre (x, y) in pixels, pixel centres at i + 0.5
+    half_extent: float  # pixels
+    color_rgb: tuple[int, int, int]
+
+
+@lru_cache(maxsize=None)
+def clip_combinations() -> tuple[Attributes, ...]:
+    return tuple(Attributes(c, s, z, m) for c, s, m, z in product(COLORS, SHAPES, MOTIONS, SIZES))
+
+
+@lru_cache(maxsize=None)
+def image_combinations() -> tuple[Attributes, ...]:
+    return tuple(Attributes(c, s, z, None) for c, s, z in product(COLORS, SHAPES, SIZES))
+
+
+def _rng(seed: int, kind: str, index: int) -> np.random.Generator:
+    return np.random.default_rng(np.random.SeedSequence(seed, spawn_key=(_KIND_ID[kind], index)))
+
+
+def balanced_attributes(kind: str, index: int, seed: int) -> Attributes:
+    """Attributes of sample `index`: combinations are dealt in shuffled blocks, so any prefix is near balanced."""
+    combos = image_combinations() if kind == "image" else clip_combinations()
+    block, pos = divmod(index, len(combos))
+    return combos[_block_order(seed, kind, block, len(combos))[pos]]
+
+
+@lru_cache(maxsize=64)
+def _block_order(seed: int, kind: str, block: int, n: int) -> np.ndarray:
+    rng = np.random.default_rng(np.random.SeedSequence(seed, spawn_key=(_KIND_ID[kind], 1 << 30, block)))
+    return rng.permutation(n)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Rendering
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _signed_distance(shape: str, dx: np.ndarray, dy: np.ndarray, h: float) -> np.ndarray:
+    """Distance in pixels to the shape's edge (negative inside) for offsets from its centre; bounding box 2h x 2h."""
+    if shape == "circle":
+        return np.sqrt(dx * dx + dy * dy) - h
+    if shape == "square":
+        return np.maximum(np.abs(dx), np.abs(dy)) - h
+    # Upright triangle with apex (0, -h) and base corners (-h, h), (h, h): fills exactly half its bounding box.
+    # Each term is the distance to one edge's line; inside, the largest of the three is the distance to the edge.
+    inv = 1.0 / np.sqrt(5.0)
+    base = dy - h
+    left = (-2.0 * (dx + h) - (dy - h)) * inv
+    right = (2.0 * (dx - h) - (dy - h)) * inv
+    return np.maximum(base, np.maximum(left, right))
+
+
+def render(attrs: Attributes, frames: int, size: int, rng: np.random.Generator) -> Sample:
+    """Draw one clip (frames >= 1) of `size` x `size` pixels; returns the sample without a caption."""
+    lo, hi = HALF_EXTENT[attrs.size]
+    h = float(rng.uniform(lo, hi)) * size
+    color = np.clip(np.array(COLORS[attrs.color]) + rng.integers(-COLOR_JITTER, COLOR_JITTER + 1, 3), 0, 255)
+    low, high = h + MARGIN_PX, size - h - MARGIN_PX  # allowed range of the centre on each axis
+    room = high - low
+    motion = attrs.motion if (attrs.motion and frames > 1) else "static"
+    travel = 0.0 if motion == "static" else min(float(rng.uniform(*TRAVEL)) * size, room)
+    # Along the motion axis the whole path must fit; across it, anywhere that fits.
+    along0 = float(rng.uniform(low + (travel if motion in ("left", "up") else 0.0),
+                               high - (travel if motion in ("right", "down") else 0.0)))
+    across = float(rng.uniform(low, high))
+    sign = -1.0 if motion in ("left", "up") else 1.0
+    steps = np.linspace(0.0, 1.0, frames) if frames > 1 else np.zeros(1)
+    along = along0 + sign * travel * steps  # (T,) constant speed
+    if motion in ("up", "down"):
+        cx, cy = np.full(frames, across), along
+    else:
+        cx, cy = along, np.full(frames, across)
+    coords = np.arange(size, dtype=np.float32) + 0.5
+    dx = coords[None, None, :] - cx[:, None, None].astype(np.float32)  # (T, 1, S)
+    dy = coords[None, :, None] - cy[:, None, None].astype(np.float32)  # (T, S, 1)
+    sd = _signed_distance(attrs.shape, dx, dy, np.float32(h))  # (T, S, S)
+    # Coverage of a pixel by the shape, from the distance of its centre to the edge: a one-pixel ramp (anti-alias).
+    alpha = np.clip(0.5 - sd, 0.0, 1.0)  # (T, S, S)
+    video = np.empty((frames, size, size, 3), dtype=np.uint8)
+    for c, (b, f) in enumerate(zip(BACKGROUND, color)):  # per channel: 10x faster than broadcasting over a size-3 axis
+        video[..., c] = alpha * np.float32(f - b) + np.float32(b + 0.5)  # + 0.5: round half up on the cast
+    return Sample(attrs, video, "", np.stack([cx, cy], axis=1), h, tuple(int(c) for c in color))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Captions
+# ----------------------------------------------------------------------------------------------------------------
+
+# Train and held-out wordings share only the colour names and the canonical shape nouns; templates, motion
+# phrases and size words differ, so held-out prompts test understanding rather than recall of exact strings.
+TRAIN_WORDS = {
+    "size": {"small": ["small", "little"], "large": ["large", "big"]},
+    "shape": {"circle": ["circle", "disc", "dot"], "square": ["square", "block"], "triangle": ["triangle"]},
+    "motion": {
+        "left": ["moving to the left", "moving left", "sliding to the left", "drifting left", "travelling left"],
+        "right": ["moving to the right", "moving right", "sliding to the right", "drifting right",
+                  "travelling right"],
+        "up": ["moving up", "moving upward", "drifting upward", "rising", "floating up"],
+        "down": ["moving down", "moving downward", "drifting downward", "falling", "sinking"],
+        "static": ["staying still", "not moving", "resting in place"],
+    },
+    "static_adjective": ["static", "stationary", "motionless"],
+}
+HELDOUT_WORDS = {
+    "size": {"small": ["tiny", "miniature"], "large": ["huge", "oversized"]},
+    "shape": {"circle": ["circle", "round disk"], "square": ["square", "square tile"],
+              "triangle": ["triangle", "triangular shape"]},
+    "motion": {
+        "left": ["gliding leftward", "heading toward the left side", "going left"],
+        "right": ["gliding rightward", "heading toward the right side", "going right"],
+        "up": ["climbing upward", "ascending", "going up"],
+        "down": ["descending", "dropping downward", "going down"],
+        "static": ["standing still", "staying put", "holding its position"],
+    },
+    "static_adjective": ["unmoving", "immobile"],
+}
+
+TRAIN_TEMPLATES = [
+    "a {size} {color} {shape} {motion}",
+    "a {color} {shape} {motion}",
+    "a {size} {color} {shape} {motion} on a dark background",
+    "video of a {size} {color} {shape} {motion}",
+    "a {size} {color} {shape} that is {motion}",
+]
+TRAIN_STATIC_TEMPLATES = ["a {adjective} {color} {shape}", "a {adjective} {size} {color} {shape}"]
+TRAIN_IMAGE_TEMPLATES = [
+    "a {size} {color} {shape}",
+    "a {color} {shape} on a dark background",
+    "a picture of a {size} {color} {shape}",
+]
+HELDOUT_TEMPLATES = [
+    "there is a {size} {color} {shape} {motion} in this clip",
+    "the clip shows a {color} {shape} ({size}) {motion}",
+    "one {size} {shape}, colored {color}, {motion}",
+    "{motion}, a {size} {color} {shape}",
+]
+HELDOUT_STATIC_TEMPLATES = ["an {adjective} {color} {shape} of {size} size", "a {color} {shape}, {adjective}"]
+HELDOUT_IMAGE_TEMPLATES = ["a photo showing one {size} {color} {shape}", "{color} {shape}, {size}"]
+
+
+def _choose(rng: np.random.Generator, options):
+    return options[int(rng.integers(len(options)))]
+
+
+def _fix_articles(text: str) -> str:
+    return re.sub(r"\b(a|an) (\w)", lambda m: ("an " if m.group(2) in "aeiou" else "a ") + m.group(2), text)
+
+
+def _caption(attrs: Attributes, rng: np.random.Generator, words: dict, templates, static_templates, image_templates):
+    slots = {
+        "color": attrs.color,
+        "size": _choose(rng, words["size"][attrs.size]),
+        "shape": _choose(rng, words["shape"][attrs.shape]),
+    }
+    if attrs.motion is None:
+        template = _choose(rng, image_templates)
+    else:
+        slots["motion"] = _choose(rng, words["motion"][attrs.motion])
+        pool = templates + (static_templates if attrs.motion == "static" else [])
+        template = _choose(rng, pool)
+        slots["adjective"] = _choose(rng, words["static_adjective"])
+    return _fix_articles(template.format(**slots))
+
+
+def train_caption(attrs: Attributes, rng: np.random.Generator) -> str:
+    """A caption in the training wording, e.g. 'a small red circle moving to the left'."""
+    return _caption(attrs, rng, TRAIN_WORDS, TRAIN_TEMPLATES, TRAIN_STATIC_TEMPLATES, TRAIN_IMAGE_TEMPLATES)
+
+
+def heldout_caption(attrs: Attributes, rng: np.random.Generator) -> str:
+    """A caption in the evaluation-only wording, e.g. 'one huge triangle, colored cyan, ascending'."""
+    return _caption(attrs, rng, HELDOUT_WORDS, HELDOUT_TEMPLATES, HELDOUT_STATIC_TEMPLATES, HELDOUT_IMAGE_TEMPLATES)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Samples and datasets
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def make_clip(index: int, seed: int, frames: int = 17, size: int = 64) -> Sample:
+    attrs = balanced_attributes("clip", index, seed)
+    rng = _rng(seed, "clip", index)
+    sample = render(attrs, frames, size, rng)
+    sample.caption = train_caption(attrs, rng)
+    return sample
+
+
+def make_image(index: int, seed: int, size: int = 64) -> Sample:
+    attrs = balanced_attributes("image", index, seed)
+    rng = _rng(seed, "image", index)
+    sample = render(attrs, 1, size, rng)
+    sample.caption = train_caption(attrs, rng)
+    return sample
+
+
+def heldout_prompts(n: int, seed: int = 0) -> list[dict]:
+    """`n` evaluation prompts in the held-out wording with their attributes, balanced over clip combinations."""
+    out = []
+    for i in range(n):
+        attrs = balanced_attributes("prompt", i, seed)
+        out.append({"prompt": heldout_caption(attrs, _rng(seed, "prompt", i)), "attributes": asdict(attrs)})
+    return out
+
+
+def _record(path: str, sample: Sample, fps: float) -> dict:
+    t, s = sample.frames.shape[0], sample.frames.shape[1]
+    return {
+        "path": path,
+        "caption": sample.caption,
+        "attributes": asdict(sample.attributes),
+        "num_frames": int(t),
+        "height": int(s),
+        "width": int(s),
+        "fps": float(fps) if t > 1 else None,
+        "start_xy": [round(float(v), 3) for v in sample.centers[0]],
+        "end_xy": [round(float(v), 3) for v in sample.centers[-1]],
+        "half_extent": round(sample.half_extent, 3),
+        "rgb": list(sample.color_rgb),
+    }
+
+
+def _write_text_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.partial")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+_OWN_FILES = re.compile(r"^(clip|image)_\d+\.(mp4|png|txt)$")
+
+
+def write_dataset(
+    out_dir,
+    clips: int,
+    images: int,
+    frames: int = 17,
+    size: int = 64,
+    seed: int = 0,
+    fps: float = 24,
+    eval_prompts: int = 0,
+    overwrite: bool = False,
+    progress=None,
+) -> dict:
+    """Write `clip_NNNNN.mp4` / `image_NNNNN.png` with same-name `.txt` captions, `metadata.jsonl` (path, caption,
+    attributes) and, if asked, `heldout_prompts.jsonl`. Returns a summary dict."""
+    from ..pipeline.video_io import write_video
+
+    if clips < 0 or images < 0 or clips + images == 0:
+        raise MotifVideoError("ask for at least one clip or image (--clips / --images)")
+    if frames < 2:
+        raise MotifVideoError(f"clips need at least 2 frames, got {frames} (images are the 1-frame samples)")
+    if size < 16 or size % 2:
+        raise MotifVideoError(f"size must be an even number >= 16 (H.264 4:2:0 needs even sides), got {size}")
+    out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise MotifVideoError(f"{out} exists and is not a folder")
+    out.mkdir(parents=True, exist_ok=True)
+    existing = [p for p in out.iterdir() if not p.name.startswith(".")]
+    if existing and not overwrite:
+        raise MotifVideoError(f"{out} is not empty; pass --overwrite to replace a previous nano dataset there")
+    for p in existing:
+        if _OWN_FILES.match(p.name) and p.is_file():
+            p.unlink()  # stale samples from a bigger earlier run would otherwise join the dataset
+
+    records = []
+    for i in range(clips):
+        sample = make_clip(i, seed, frames, size)
+        name = f"clip_{i:05d}"
+        write_video(sample.frames, out / f"{name}.mp4", fps=fps)
+        _write_text_atomic(out / f"{name}.txt", sample.caption + "\n")
+        records.append(_record(f"{name}.mp4", sample, fps))
+        if progress:
+            progress(1)
+    for i in range(images):
+        sample = make_image(i, seed, size)
+        name = f"image_{i:05d}"
+        write_video(sample.frames, out / f"{name}.png")
+        _write_text_atomic(out / f"{name}.txt", sample.caption + "\n")
+        records.append(_record(f"{name}.png", sample, fps))
+        if progress:
+            progress(1)
+    _write_text_atomic(out / "metadata.jsonl", "".join(json.dumps(r) + "\n" for r in records))
+    if eval_prompts:
+        prompts = heldout_prompts(eval_prompts, seed)
+        _write_text_atomic(out / "heldout_prompts.jsonl", "".join(json.dumps(p) + "\n" for p in prompts))
+    return {"out_dir": str(out), "clips": clips, "images": images, "eval_prompts": eval_prompts}
+
