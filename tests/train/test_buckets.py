@@ -1,6 +1,5 @@
 """Buckets, bucket assignment, and the resumable one-bucket-per-batch sampler."""
 
-
 import numpy as np
 import pytest
 
