@@ -86,9 +86,9 @@ def test_dequantizer_matches_gguf_on_random_blocks(qtype):
                          ids=lambda t: t.name)
 def test_dequantizer_matches_gguf_on_quantized_data(qtype):
     data = np.random.default_rng(3).standard_normal((5, 96)).astype(np.float32)
-    raw = gguf.quants.quantize(data, qtype)
-    raw = np.ascontiguousarray(raw).view(np.uint8)  # F16/F32 come back as floats: our input is always bytes
-    expected = torch.from_numpy(gguf.quants.dequantize(gguf.quants.quantize(data, qtype), qtype))
+    quantized = gguf.quants.quantize(data, qtype)
+    expected = torch.from_numpy(gguf.quants.dequantize(quantized, qtype))
+    raw = np.ascontiguousarray(quantized).view(np.uint8)  # F16/F32 come back as floats: our input is always bytes
     got = dequantize(torch.from_numpy(raw), qtype)
     assert torch.equal(got, expected)
     assert (got - torch.from_numpy(data)).abs().max() < 0.5  # and it is the data, up to quantisation error

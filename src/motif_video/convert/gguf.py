@@ -67,10 +67,6 @@ def _dq_f32(b):
     return b.contiguous().view(torch.float32)
 
 
-def _dq_f16(b):
-    return b.contiguous().view(torch.float16).float()
-
-
 def _dq_bf16(b):
     return b.contiguous().view(torch.bfloat16).float()
 
@@ -189,7 +185,7 @@ def _dq_q6_k(b):
 
 
 DEQUANTIZERS = {
-    Q.F32: _dq_f32, Q.F16: _dq_f16, Q.BF16: _dq_bf16,
+    Q.F32: _dq_f32, Q.F16: _f16, Q.BF16: _dq_bf16,
     Q.Q8_0: _dq_q8_0, Q.Q4_0: _dq_q4_0, Q.Q4_1: _dq_q4_1, Q.Q5_0: _dq_q5_0, Q.Q5_1: _dq_q5_1,
     Q.Q2_K: _dq_q2_k, Q.Q3_K: _dq_q3_k, Q.Q4_K: _dq_q4_k, Q.Q5_K: _dq_q5_k, Q.Q6_K: _dq_q6_k,
 }
@@ -227,7 +223,7 @@ def byte_shape(shape: tuple[int, ...], qtype: Q) -> tuple[int, ...]:
 
 
 def nbytes(shape: tuple[int, ...], qtype: Q) -> int:
-    return int(np.prod(byte_shape(tuple(shape), qtype), dtype=np.int64)) if shape else GGML_QUANT_SIZES[qtype][1]
+    return int(np.prod(byte_shape(tuple(shape), qtype), dtype=np.int64))
 
 
 # -- the quantised linear layer ----------------------------------------------------------------------------------
@@ -322,7 +318,7 @@ def read_gguf(path: str | Path) -> tuple[dict[str, GGUFTensor], dict]:
         if data.size != nbytes(shape, qtype):
             raise CheckpointError(f"corrupt GGUF file {path}: tensor {t.name} holds {data.size} bytes, "
                                   f"{qtype.name} {shape} needs {nbytes(shape, qtype)}")
-        raw = torch.from_numpy(data.copy()).reshape(byte_shape(shape, qtype) if shape else (-1,))
+        raw = torch.from_numpy(data.copy()).reshape(byte_shape(shape, qtype))
         tensors[t.name] = GGUFTensor(t.name, qtype, shape, raw)
     del reader  # releases the memory map
     return tensors, metadata
