@@ -1,0 +1,115 @@
+"""What a prompt asks for: colour, shape, motion direction and size, read from free English.
+
+The lexicon is written independently of the nano captions (`motif_video.nano.data`): it covers the words of both
+the training and the held-out wordings plus common synonyms, and the tests check it against every caption
+template rather than sharing a table with the generator.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from ..errors import MotifVideoError
+
+
+@dataclass(frozen=True)
+class PromptAttributes:
+    color: str | None = None
+    shape: str | None = None
+    motion: str | None = None  # left / right / up / down / static
+    size: str | None = None
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+_COLOR = {
+    "red": r"red|crimson|scarlet",
+    "green": r"green|emerald",
+    "blue": r"blue|navy|azure",
+    "yellow": r"yellow|golden|gold",
+    "cyan": r"cyan|turquoise|aqua|teal",
+    "magenta": r"magenta|fuchsia|pink|purple|violet",
+    "white": r"white|silver",
+}
+_SHAPE = {
+    "circle": r"circles?|circular|discs?|disks?|dots?|balls?|orbs?|round|rings?",
+    "square": r"squares?|boxe?s?|blocks?|cubes?|tiles?|quadrilateral",
+    "triangle": r"triangles?|triangular|wedges?|pyramids?",
+}
+_SIZE = {
+    "small": r"small|smaller|little|tiny|miniature|mini|petite",
+    "large": r"large|larger|big|bigger|huge|giant|oversized|enormous",
+}
+# Direction words; a phrase naming where the object comes FROM is removed first, so "from left to right" is right.
+_DIRECTION = {
+    "left": r"left(?:ward|wards)?|west(?:ward|wards)?",
+    "right": r"right(?:ward|wards)?|east(?:ward|wards)?",
+    "up": r"up(?:ward|wards)?|rising|rises?|risen|ascend\w*|climb\w*|lift\w*|soar\w*|north(?:ward|wards)?"
+          r"|(?:to|toward|towards) the top",
+    "down": r"down(?:ward|wards)?|fall\w*|fell|descend\w*|sink\w*|sank|drop\w*|plummet\w*|south(?:ward|wards)?"
+            r"|(?:to|toward|towards) the bottom",
+}
+_STATIC = (
+    r"static|stationary|motionless|unmoving|immobile|still|frozen|fixed in place|in place|stays? put|staying put"
+    r"|not moving|doesn't move|does not move|no motion|holds? its position|holding its position"
+)
+_FROM = re.compile(r"\bfrom the (?:left|right|top|bottom)(?: (?:edge|side))?\b|\bfrom (?:left|right|top|bottom)\b")
+_UPSIDE = re.compile(r"\bupside down\b|\bleft behind\b|\ball right\b|\bright now\b")
+
+
+def _find(table: dict[str, str], text: str) -> list[tuple[int, str]]:
+    hits = []
+    for name, pattern in table.items():
+        for m in re.finditer(rf"\b(?:{pattern})\b", text):
+            hits.append((m.start(), name))
+    return sorted(hits)
+
+
+def parse_prompt(text: str) -> PromptAttributes:
+    """Expected attributes of a prompt; a field is None when the prompt does not say (or names two values)."""
+    t = " ".join(re.sub(r"[^a-z' ]+", " ", text.lower().replace("-", " ")).split())
+    t = _UPSIDE.sub(" ", t)
+
+    def single(table):
+        names = {name for _, name in _find(table, t)}
+        return names.pop() if len(names) == 1 else None
+
+    motion_text = _FROM.sub(" ", t)
+    directions = _find(_DIRECTION, motion_text)
+    if directions:
+        # The last direction named is where the object ends up going.
+        motion = directions[-1][1]
+    elif re.search(rf"\b(?:{_STATIC})\b", t):
+        motion = "static"
+    else:
+        motion = None
+    return PromptAttributes(color=single(_COLOR), shape=single(_SHAPE), motion=motion, size=single(_SIZE))
+
+
+def load_prompt_file(path) -> list[dict]:
+    """Prompts from a `.txt` (one per line) or `.jsonl` (objects with `prompt` or `caption`) file."""
+    path = Path(path)
+    if not path.is_file():
+        raise MotifVideoError(f"prompt file not found: {path}")
+    out = []
+    if path.suffix.lower() in (".jsonl", ".ndjson"):
+        for i, line in enumerate(path.read_text().splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise MotifVideoError(f"{path}:{i}: not valid JSON ({e.msg})") from None
+            prompt = (row.get("prompt") or row.get("caption")) if isinstance(row, dict) else None
+            if not prompt:
+                raise MotifVideoError(f"{path}:{i}: row has no 'prompt' or 'caption'")
+            out.append({**row, "prompt": str(prompt)})
+    else:
+        out = [{"prompt": line.strip()} for line in path.read_text().splitlines() if line.strip()]
+    if not out:
+        raise MotifVideoError(f"{path} holds no prompts")
+    return out
