@@ -220,3 +220,25 @@ def test_resize_center_crop_matches_pil_and_slices():
     got = ((out[:, 0].permute(1, 2, 0) + 1) * 127.5).numpy()
     assert np.abs(got - ref).max() <= 1.01
     assert out.min() >= -1 and out.max() <= 1
+
+
+def test_dataloader_batches_one_bucket_at_a_time(folder):
+    from torch.utils.data import DataLoader
+
+    from motif_video.train.buckets import BucketBatchSampler
+    from motif_video.train.planner import PlannedBatchSampler, plan_shards
+
+    write_clip(folder / "square2.mp4", 18, fps=30)
+    (folder / "square2.txt").write_text("another square")
+    ds = ClipDataset.from_folder(folder, BUCKETS, fps=15)
+    sampler = BucketBatchSampler(ds.bucket_of, ds.buckets, batch_size=2, interleave="I-V-V", seed=0)
+    batches = list(DataLoader(ds, batch_sampler=sampler, collate_fn=collate_clips))
+    shapes = sorted(tuple(b["pixels"].shape) for b in batches)
+    assert shapes == [(1, 3, 1, 32, 32), (1, 3, 9, 32, 48), (2, 3, 9, 32, 32)]
+    assert sorted(i for b in batches for i in b["indices"].tolist()) == list(range(len(ds)))
+
+    plan = plan_shards(ds.bucket_counts(), world_size=2, max_tokens_per_rank=64)
+    for rank in range(2):
+        planned = PlannedBatchSampler(plan, ds.bucket_of, ds.buckets, rank=rank)
+        for batch in DataLoader(ds, batch_sampler=planned, collate_fn=collate_clips):
+            assert batch["bucket"].latent_tokens * len(batch["captions"]) <= 64

@@ -23,6 +23,7 @@ from ..errors import ConfigError
 __all__ = [
     "Bucket",
     "BucketSet",
+    "index_buckets",
     "BucketBatchSampler",
     "ResumableBatchSampler",
     "parse_aspect",
@@ -209,6 +210,15 @@ class BucketSet:
             if best_key is None or key < best_key:
                 best, best_key = i, key
         return best
+
+
+def index_buckets(keys: Sequence[str | Bucket]) -> tuple[BucketSet, list[int]]:
+    """Per-sample bucket keys ('33x480x848' or Bucket) -> (the set of them, each sample's index in it): the
+    samplers' input for data that already carries its bucket, such as a latent cache."""
+    parsed = [k if isinstance(k, Bucket) else Bucket.parse(k) for k in keys]
+    bucket_set = BucketSet(parsed)
+    where = {b: i for i, b in enumerate(bucket_set)}
+    return bucket_set, [where[b] for b in parsed]
 
 
 def parse_interleave(pattern: str | None) -> tuple[str, ...] | None:
