@@ -54,13 +54,14 @@ def build_vae(seed: int = 0):
     return vae.eval()
 
 
-def build_transformer(seed: int = 0, std: float = 0.05, **overrides):
+def build_transformer(seed: int = 0, std: float = 0.05, preset_name: str = "motif-video-tiny", **overrides):
     """A random diffusers transformer (every parameter filled, so zero-inits hide nothing)."""
     from diffusers import MotifVideoTransformer3DModel
 
     from .model.config import preset
 
-    config = preset("motif-video-tiny", text_embed_dim=32, image_embed_dim=8, **overrides).to_dict()
+    overrides = {"text_embed_dim": 32, "image_embed_dim": 8, **overrides}
+    config = preset(preset_name, **overrides).to_dict()
     config.pop("cross_attention_form")
     model = MotifVideoTransformer3DModel(**config)
     gen = torch.Generator().manual_seed(seed)
@@ -70,7 +71,8 @@ def build_transformer(seed: int = 0, std: float = 0.05, **overrides):
     return model.eval()
 
 
-def build_diffusers_pipeline(shift: float = 15.0, guidance_scale: float = 4.0, seed: int = 0, **transformer_overrides):
+def build_diffusers_pipeline(shift: float = 15.0, guidance_scale: float = 4.0, seed: int = 0,
+                             preset_name: str = "motif-video-tiny", **transformer_overrides):
     from diffusers import FlowMatchEulerDiscreteScheduler, MotifVideoPipeline
     from diffusers.guiders import ClassifierFreeGuidance
 
@@ -79,7 +81,7 @@ def build_diffusers_pipeline(shift: float = 15.0, guidance_scale: float = 4.0, s
         vae=build_vae(seed),
         text_encoder=build_text_encoder(seed=seed),
         tokenizer=build_tokenizer(),
-        transformer=build_transformer(seed, **transformer_overrides),
+        transformer=build_transformer(seed, preset_name=preset_name, **transformer_overrides),
         guider=ClassifierFreeGuidance(guidance_scale=guidance_scale),
     )
 

@@ -325,11 +325,6 @@ def read_gguf(path: str | Path) -> tuple[dict[str, GGUFTensor], dict]:
 
 
 # -- loading into the model ---------------------------------------------------------------------------------------
-# Linear layers whose `.weight.dtype` the model reads to pick an input dtype (TimestepEmbedding casts its sinusoidal
-# features to it); a uint8 block buffer there would silently truncate the features, so these load dense.
-DENSE_LINEARS = ("time_text_embed.timestep_embedder.linear_1",)
-
-
 def _config_from_metadata(metadata: dict, path: Path):
     text = metadata.get(CONFIG_KEY)
     if text is None:
@@ -366,7 +361,7 @@ def load_gguf_transformer(cls, path, config=None, *, compute_dtype: torch.dtype 
     linears = {name: m for name, m in model.named_modules() if isinstance(m, nn.Linear)}
     for name, module in linears.items():
         t = tensors[f"{name}.weight"]
-        if name in DENSE_LINEARS or FLOAT_TYPES.get(t.qtype) in (torch.float32, compute_dtype):
+        if FLOAT_TYPES.get(t.qtype) in (torch.float32, compute_dtype):
             continue
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model

@@ -50,7 +50,8 @@ class TimestepEmbedding(nn.Module):
 
     def forward(self, timestep: torch.Tensor) -> torch.Tensor:
         features = sinusoidal_timestep_embedding(timestep, self.frequency_dim)
-        return self.timestep_embedder(features.to(self.timestep_embedder.linear_1.weight.dtype))
+        # the bias, not the weight: a quantised (GGUF) weight is stored as bytes
+        return self.timestep_embedder(features.to(self.timestep_embedder.linear_1.bias.dtype))
 
 
 class ImageProjection(nn.Module):
