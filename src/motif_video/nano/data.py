@@ -44,7 +44,7 @@ BACKGROUND = (18, 18, 22)
 HALF_EXTENT = {"small": (0.10, 0.13), "large": (0.19, 0.23)}
 # Total travel over a moving clip, as a fraction of the frame side (capped by the room the object has).
 TRAVEL = (0.30, 0.50)
-MARGIN_PX = 1.0  # the object never touches the border, so it is never cut off
+MARGIN_PX = 2.0  # clear of the border (anti-aliasing reaches ~1 px past an acute vertex), so never cut off
 COLOR_JITTER = 10  # per-channel, per-clip: colours vary a little but never toward a neighbouring colour
 
 _KIND_ID = {"clip": 0, "image": 1, "prompt": 2}
