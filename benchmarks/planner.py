@@ -13,6 +13,7 @@ alone from a random deal. Both are scored with the planner's cost model (work = 
 
     python benchmarks/planner.py
     python benchmarks/planner.py --clips 20000 --ranks 64 --resolution 480 --micro-batches 1 2 4 --json plan.json
+    python benchmarks/planner.py --sweep 25     # greedy start vs annealed on random mixes and rank layouts
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ import time
 import numpy as np
 
 from motif_video.train.buckets import BucketSet, parse_aspect
-from motif_video.train.planner import naive_plan, plan_shards
+from motif_video.train.planner import naive_plan, plan_shards, sample_work
 
 # Default mix: a stage-10-like joint image+video set (the paper gives no proportions; these are assumptions).
 FRAME_MIX = {1: 0.40, 33: 0.20, 65: 0.15, 121: 0.25}
@@ -46,6 +47,29 @@ def bucket_counts(clips: int, resolution: int, seed: int) -> dict:
     return {b: int(n) for b, n in zip(bs, counts)}
 
 
+def sweep(trials: int, seed: int) -> None:
+    """Random mixes, rank counts, micro-batch counts and budgets: how far the greedy start and the annealed plan
+    are above the perfect-balance bound (all work / ranks), and how often annealing improves on greedy."""
+    rng = np.random.default_rng(seed)
+    pool = list(BucketSet.from_grid(FRAME_MIX, ["16:9", "1:1", "9:16", "4:3"], 360))
+    print(f"{'ranks':>5s} {'micro':>5s} {'budget':>7s} {'steps':>5s} {'greedy/bound':>12s} {'annealed/bound':>14s}")
+    gains = []
+    for _ in range(trials):
+        world, micro = int(rng.integers(2, 24)), int(rng.integers(1, 5))
+        counts = {b: int(rng.integers(0, 200)) for b in pool if rng.random() < 0.7}
+        if not any(counts.values()):
+            continue
+        budget = int(max(b.latent_tokens for b, n in counts.items() if n) * rng.choice([1, 1.5, 2, 3]))
+        bound = sum(sample_work(b) * n for b, n in counts.items()) / world
+        greedy = plan_shards(counts, world, budget, micro, iterations=0).stats()
+        annealed = plan_shards(counts, world, budget, micro, iterations=30_000, seed=seed).stats()
+        gains.append(1 - annealed.epoch_work / greedy.epoch_work)
+        print(f"{world:5d} {micro:5d} {budget:7d} {greedy.steps:5d} {greedy.epoch_work / bound:12.4f} "
+              f"{annealed.epoch_work / bound:14.4f}")
+    print(f"annealing shortened the greedy plan in {sum(g > 1e-9 for g in gains)} of {len(gains)} cases; "
+          f"mean {np.mean(gains):.2%}, max {max(gains):.2%}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--clips", type=int, default=12_000)
@@ -59,7 +83,11 @@ def main() -> None:
     parser.add_argument("--step-overhead", type=float, default=STEP_OVERHEAD)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", default=None, help="also write the numbers here")
+    parser.add_argument("--sweep", type=int, default=0, help="instead, compare greedy and annealed on N random cases")
     args = parser.parse_args()
+    if args.sweep:
+        sweep(args.sweep, args.seed)
+        return
 
     counts = bucket_counts(args.clips, args.resolution, args.seed)
     print(f"{args.clips} clips, {args.ranks} ranks, buckets at {args.resolution}p (frames x height x width: clips):")
