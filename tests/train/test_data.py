@@ -100,7 +100,8 @@ def test_folder_dataset_buckets_and_decoded_frames(folder):
     # square: 20 frames at 30 fps -> 15 fps is stride 2; 9 frames need 17 source frames -> 9x32x32.
     # wide: 24 frames at 24 fps -> stride 1.6, 9 frames need 14 -> nearest aspect 9x32x48. still: the image bucket.
     assert [str(ds.buckets[b]) for b in ds.bucket_of] == ["9x32x32", "1x32x32", "9x32x48"]
-    assert ds.num_skipped == 0 and ds.bucket_counts() == {Bucket(1, 32, 32): 1, Bucket(9, 32, 32): 1, Bucket(9, 32, 48): 1}
+    assert ds.num_skipped == 0
+    assert ds.bucket_counts() == {Bucket(1, 32, 32): 1, Bucket(9, 32, 32): 1, Bucket(9, 32, 48): 1}
 
     item = ds.load(0, start=2)
     assert item["pixels"].shape == (3, 9, 32, 32) and item["pixels"].dtype == torch.float32
@@ -141,14 +142,16 @@ def test_csv_and_jsonl_metadata(folder, tmp_path):
 
     # JSONL with the shape fields given: no file is probed, so the metadata's (smaller) frame count is believed.
     rows = [
-        {"path": str(folder / "square.mp4"), "caption": "abs path", "fps": 30, "num_frames": 12, "height": 32, "width": 32},
+        {"path": str(folder / "square.mp4"), "caption": "abs path", "fps": 30, "num_frames": 12, "height": 32,
+         "width": 32},
         {"path": "sub/wide.mp4", "caption": "wide"},
+        {"path": "still.png", "caption": "an image", "num_frames": 9, "height": 40, "width": 40},
     ]
     (meta_dir / "meta.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n\n")
     clips = read_metadata(meta_dir / "meta.jsonl")
     assert clips[0].num_frames == 12 and clips[0].is_probed and not clips[1].is_probed
     ds_jsonl = ClipDataset.from_metadata(meta_dir / "meta.jsonl", BUCKETS, fps=15)
-    assert [str(ds_jsonl.buckets[b]) for b in ds_jsonl.bucket_of] == ["5x32x32", "9x32x48"]
+    assert [str(ds_jsonl.buckets[b]) for b in ds_jsonl.bucket_of] == ["5x32x32", "9x32x48", "1x32x32"]
     assert ds_jsonl.clips[1].fps == 24 and ds_jsonl.clips[1].num_frames == 24  # probed
 
     (meta_dir / "bad.jsonl").write_text('{"path": "square.mp4", "caption": "x", "fps": "fast"}\n')

@@ -39,7 +39,8 @@ def test_naive_plan_numbers_by_hand():
     assert st.weighted_utilisation == pytest.approx((10 * 4 + 3 * 8 + 4 * 48) / (4 * st.epoch_work))
     assert st.epoch_time(step_overhead=10) == pytest.approx(st.epoch_work + 50)
     accum = naive_plan({IMG: 10}, world_size=2, micro_batches_per_step=3, attention_coeff=0.0)
-    assert [[[n for _, n in slot] for slot in step] for step in accum.steps] == [[[1, 1, 1], [1, 1, 1]], [[1, 1], [1, 1]]]
+    per_rank = [[[n for _, n in slot] for slot in step] for step in accum.steps]
+    assert per_rank == [[[1, 1, 1], [1, 1, 1]], [[1, 1], [1, 1]]]
 
 
 def skewed_counts():

@@ -227,7 +227,9 @@ def parse_interleave(pattern: str | None) -> tuple[str, ...] | None:
         return None
     tokens = tuple(c for c in str(pattern).upper() if c not in "-, ")
     if not tokens or any(c not in "IV" for c in tokens):
-        raise ConfigError(f"interleave pattern {pattern!r} must use only I (image batch) and V (video batch), e.g. I-V-V")
+        raise ConfigError(
+            f"interleave pattern {pattern!r} must use only I (image batch) and V (video batch), e.g. I-V-V"
+        )
     return tokens
 
 
@@ -284,7 +286,8 @@ class ResumableBatchSampler:
 
     def load_state_dict(self, state: Mapping) -> None:
         try:
-            epoch, done, seed, fp = int(state["epoch"]), int(state["batches_done"]), int(state["seed"]), state["fingerprint"]
+            epoch, done = int(state["epoch"]), int(state["batches_done"])
+            seed, fp = int(state["seed"]), state["fingerprint"]
         except (KeyError, TypeError, ValueError):
             raise ConfigError(f"sampler state {dict(state)!r} lacks epoch/batches_done/seed/fingerprint") from None
         if seed != self.seed or fp != self.fingerprint():
@@ -293,7 +296,9 @@ class ResumableBatchSampler:
                 "layout; resuming from it would not continue the same sequence"
             )
         if not 0 <= done <= len(self.batches(epoch)):
-            raise ConfigError(f"sampler state batches_done={done} is outside epoch {epoch} ({len(self.batches(epoch))} batches)")
+            raise ConfigError(
+                f"sampler state batches_done={done} is outside epoch {epoch} ({len(self.batches(epoch))} batches)"
+            )
         self.epoch, self.batches_done = epoch, done
 
 
@@ -344,7 +349,8 @@ class BucketBatchSampler(ResumableBatchSampler):
         return sizes
 
     def _fingerprint_data(self):
-        return {"bucket_of": hashlib.sha1(self.bucket_of.tobytes()).hexdigest(), "buckets": [str(b) for b in self.buckets],
+        return {"bucket_of": hashlib.sha1(self.bucket_of.tobytes()).hexdigest(),
+                "buckets": [str(b) for b in self.buckets],
                 "batch": sorted(self.batch_sizes.items()), "pattern": self.pattern, "shuffle": self.shuffle,
                 "drop_last": self.drop_last, "rank": self.rank, "world": self.world_size}
 

@@ -161,6 +161,8 @@ def _probe(clip: Clip) -> Clip:
     """Fill in what the source did not say; MotifVideoError when the file cannot be opened or has no frames."""
     if clip.num_frames == 0:
         raise MotifVideoError(f"{clip.path} has zero frames")
+    if clip.is_image and clip.num_frames not in (None, 1):
+        clip = replace(clip, num_frames=1)  # metadata cannot give a still image more frames than it has
     if clip.is_probed:
         return clip
     if not clip.path.is_file():

@@ -120,7 +120,8 @@ class ShardPlan:
             buckets = tuple(Bucket.parse(b) for b in d["buckets"])
             steps = [[[(int(b), int(n)) for b, n in slot] for slot in step] for step in d["steps"]]
             plan = cls(buckets, int(d["world_size"]), steps, int(d["max_tokens_per_rank"]),
-                       int(d.get("micro_batches_per_step", 1)), float(d.get("attention_coeff", DEFAULT_ATTENTION_COEFF)))
+                       int(d.get("micro_batches_per_step", 1)),
+                       float(d.get("attention_coeff", DEFAULT_ATTENTION_COEFF)))
         except (KeyError, TypeError, ValueError, ConfigError) as e:
             raise MotifVideoError(f"not a shard plan: {e}") from None
         if any(len(step) != plan.world_size for step in steps):
@@ -278,8 +279,13 @@ def plan_shards(bucket_counts: Mapping[Bucket, int], world_size: int, max_tokens
         raise ConfigError(f"iterations {iterations!r} must be a non-negative integer")
     bucket_ids, sizes = [b for b, _ in chunks], [n for _, n in chunks]
     bins = _Annealer(bucket_ids, sizes, bins, work, cap, world_size, g, rng).run(iterations)
-    steps = [[[(bucket_ids[c], sizes[c]) for c in sorted(bins[s * world_size + r], key=lambda c: (bucket_ids[c], -sizes[c]))]
-              for r in range(world_size)] for s in range(num_steps)]
+    steps = []
+    for s in range(num_steps):
+        step = []
+        for r in range(world_size):
+            ids = sorted(bins[s * world_size + r], key=lambda c: (bucket_ids[c], -sizes[c]))
+            step.append([(bucket_ids[c], sizes[c]) for c in ids])
+        steps.append(step)
     return ShardPlan(buckets, world_size, steps, budget, g, attention_coeff)
 
 
