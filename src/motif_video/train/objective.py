@@ -1,0 +1,183 @@
+"""The training objective: rectified flow matching, plus TREAD routing and REPA alignment, from a batch to a loss.
+
+    x_t = (1 - t) x0 + t eps,   target = eps - x0 (velocity),   model timestep = 1000 t
+    t = shift(sigmoid(u)), u ~ N(logit_mean, logit_std),   shift(t) = s t / (1 + (s - 1) t)
+
+Randomness is drawn per sample from a generator seeded by (seed, step, the sample's position in the GLOBAL batch),
+never from a global RNG. So a sample gets the same noise, timestep, dropout and route whichever rank holds it and
+however the run was split into restarts: two processes reproduce a one-process run, and a resumed run reproduces an
+uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..errors import ConfigError
+from ..routing import RouteConfig, TokenRoute, sample_route
+from .cached import pad_text
+from .config import AlignmentSection, ObjectiveSection
+
+
+def shift_timesteps(t: torch.Tensor, shift: float) -> torch.Tensor:
+    """sigma' = s t / (1 + (s - 1) t): s > 1 moves mass toward noise (t = 1), as larger frames need."""
+    return shift * t / (1 + (shift - 1) * t)
+
+
+def sample_seed(*parts) -> int:
+    """A 63-bit seed from any tuple of ints/strings; hashing keeps neighbouring steps' streams unrelated."""
+    digest = hashlib.blake2b(repr(parts).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") & (2**63 - 1)
+
+
+def _generator(seed: int, device: torch.device) -> torch.Generator:
+    return torch.Generator(device=device).manual_seed(seed)
+
+
+class TrainModule(nn.Module):
+    """The transformer and the REPA projector as one module: FSDP2 shards them together, one optimizer covers
+    both, and checkpoints name their parameters `transformer.*` and `aligner.*`."""
+
+    def __init__(self, transformer: nn.Module, aligner: nn.Module | None = None, align_block: int | None = None):
+        super().__init__()
+        self.transformer = transformer
+        self.aligner = aligner
+        self.align_block = align_block
+
+    def forward(self, hidden_states, timestep, text, text_mask, *, route: TokenRoute | None = None,
+                teacher: torch.Tensor | None = None, teacher_grid=None, student_grid=None):
+        """(velocity (B, 16, T, H, W), REPA loss or None). The REPA term is computed only when `teacher` is given."""
+        if teacher is None or self.aligner is None:
+            return self.transformer(hidden_states, timestep, text, text_mask, route=route), None
+        velocity, tokens = self.transformer(hidden_states, timestep, text, text_mask, route=route,
+                                            capture_block=self.align_block)
+        # Inside a route the captured block saw only the kept tokens (in kept order): align those.
+        routed = route is not None and route.start_layer <= self.align_block < route.end_layer
+        repa = self.aligner.loss(tokens, teacher, student_grid, teacher_grid, kept=route.kept if routed else None)
+        return velocity, repa
+
+
+@dataclass
+class StepLoss:
+    loss: torch.Tensor  # what backward runs on: flow + weight * repa
+    flow: torch.Tensor  # detached
+    repa: torch.Tensor | None  # detached
+    tokens: int  # video tokens in this (local) batch
+
+
+class FlowMatchingObjective:
+    def __init__(self, config: ObjectiveSection, *, seed: int, patch_size: tuple[int, int, int],
+                 num_blocks: int, route: RouteConfig | None = None, alignment: AlignmentSection | None = None,
+                 empty_prompt: tuple[torch.Tensor, torch.Tensor] | None = None, text_dim: int | None = None):
+        self.config = config
+        self.seed = seed
+        self.patch_size = patch_size
+        self.num_blocks = num_blocks
+        self.route = route
+        if route is not None:
+            route.resolve(num_blocks)  # fail now, not at the first step
+        self.alignment = alignment
+        if empty_prompt is None:
+            if text_dim is None:
+                raise ConfigError("the objective needs the empty prompt's states or the text dim")
+            # No cached empty prompt: one zero token, kept. A fully masked prompt would leave the cross-attention
+            # softmax with no key at all (NaN); a zero token projects to a fixed learned "null" embedding instead.
+            empty_prompt = (torch.zeros(1, text_dim), torch.ones(1, dtype=torch.bool))
+        self.empty_text, self.empty_mask = empty_prompt[0].float(), empty_prompt[1].bool()
+
+    # -- pieces ------------------------------------------------------------------------------------------------------
+    def sample_t(self, generator: torch.Generator) -> torch.Tensor:
+        u = torch.randn((), generator=generator) * self.config.logit_std + self.config.logit_mean
+        return shift_timesteps(torch.sigmoid(u), self.config.shift)
+
+    def grid(self, latents: torch.Tensor) -> tuple[int, int, int]:
+        pt, ph, pw = self.patch_size
+        _, _, t, h, w = latents.shape
+        return t // pt, h // ph, w // pw
+
+    def repa_active(self, step: int) -> bool:
+        a = self.alignment
+        return a is not None and a.weight > 0 and (a.stop_step is None or step < a.stop_step)
+
+    def model_inputs(self, x0: torch.Tensor, eps: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Noisy input (B, 33, T, H, W) = [x_t | zero condition latent | zero mask] (text-to-video) and 1000 t."""
+        tb = t.view(-1, 1, 1, 1, 1)
+        x_t = (1 - tb) * x0 + tb * eps
+        condition = torch.zeros_like(x0)
+        mask = torch.zeros_like(x0[:, :1])
+        return torch.cat([x_t, condition, mask], dim=1), 1000.0 * t
+
+    def _texts(self, batch: dict, drop: list[bool], device) -> tuple[torch.Tensor, torch.Tensor]:
+        texts, masks = [], []
+        for i, dropped in enumerate(drop):
+            if dropped:
+                texts.append(self.empty_text)
+                masks.append(self.empty_mask)
+            else:
+                keep = batch["text_mask"][i]
+                length = int(keep.nonzero().max()) + 1 if keep.any() else keep.shape[0]
+                texts.append(batch["text"][i, :length])
+                masks.append(keep[:length])
+        text, mask = pad_text(texts, masks)
+        return text.to(device), mask.to(device)
+
+    # -- the loss ----------------------------------------------------------------------------------------------------
+    def __call__(self, module: nn.Module, batch: dict, step: int, sample_ids: list[int],
+                 device: torch.device) -> StepLoss:
+        """Loss of one local batch at optimizer step `step`; `sample_ids`: positions in the global batch."""
+        x0 = batch["latents"].to(device, torch.float32)  # (B, 16, T', H', W')
+        eps, ts, drop, kept = [], [], [], []
+        grid = self.grid(x0)
+        num_tokens = grid[0] * grid[1] * grid[2]
+        for sid in sample_ids:
+            scalars = _generator(sample_seed(self.seed, step, sid, "scalars"), torch.device("cpu"))
+            ts.append(self.sample_t(scalars))
+            drop.append(bool(torch.rand((), generator=scalars) < self.config.text_dropout))
+            noise = _generator(sample_seed(self.seed, step, sid, "noise"), device)
+            eps.append(torch.randn(x0.shape[1:], generator=noise, device=device))
+            if self.route is not None:
+                # Its own stream, so switching routing on or off leaves noise, timesteps and dropout unchanged.
+                r = sample_route(self.route, self.num_blocks, 1, num_tokens,
+                                 generator=_generator(sample_seed(self.seed, step, sid, "route"), torch.device("cpu")))
+                if r is not None:
+                    kept.append(r)
+        eps = torch.stack(eps)
+        t = torch.stack(ts).to(device)
+        hidden, timestep = self.model_inputs(x0, eps, t)
+        text, mask = self._texts(batch, drop, device)
+        route = None
+        if kept:
+            route = TokenRoute(kept[0].start_layer, kept[0].end_layer, torch.cat([r.kept for r in kept]).to(device))
+
+        teacher = None
+        if self.repa_active(step):
+            if "teacher" not in batch:
+                raise ConfigError("alignment is on but the batch has no cached teacher features")
+            teacher = batch["teacher"].to(device)
+        velocity, repa = module(hidden, timestep, text, mask, route=route, teacher=teacher,
+                                teacher_grid=batch.get("teacher_grid"), student_grid=grid)
+        flow = F.mse_loss(velocity.float(), (eps - x0).float())
+        loss = flow if repa is None else flow + self.alignment.weight * repa
+        return StepLoss(loss, flow.detach(), None if repa is None else repa.detach(), x0.shape[0] * num_tokens)
+
+    @torch.no_grad()
+    def evaluate(self, module: nn.Module, batch: dict, sample_ids: list[int], device: torch.device,
+                 timesteps=(0.1, 0.3, 0.5, 0.7, 0.9)) -> torch.Tensor:
+        """Validation: flow loss at fixed timesteps with fixed noise, full text, no routing. Mean over timesteps."""
+        x0 = batch["latents"].to(device, torch.float32)
+        text, mask = self._texts(batch, [False] * x0.shape[0], device)
+        losses = []
+        for j, value in enumerate(timesteps):
+            eps = torch.stack([
+                torch.randn(x0.shape[1:], generator=_generator(sample_seed(self.seed, "val", sid, j), device),
+                            device=device) for sid in sample_ids])
+            t = torch.full((x0.shape[0],), float(value), device=device)
+            hidden, timestep = self.model_inputs(x0, eps, t)
+            velocity, _ = module(hidden, timestep, text, mask)
+            losses.append(F.mse_loss(velocity.float(), eps - x0))
+        return torch.stack(losses).mean()

@@ -1,0 +1,83 @@
+"""Parallelism and memory savings applied to the model from outside, block by block (the model knows none of it).
+
+- Activation checkpointing: torch's composable `checkpoint` on each block. Unlike `checkpoint_wrapper` it adds no
+  `_checkpoint_wrapped_module` level, so parameter names (checkpoints, LoRA adapters, EMA) stay diffusers' names.
+- FSDP2: `fully_shard` on every block, then on the root module (embedders, output head, REPA projector). Parameters
+  stay fp32 (the optimizer's master copy); with bf16 compute each block's weights are all-gathered in bf16 and
+  gradients reduce-scattered in fp32 (the paper: bf16 compute, fp32 reductions and optimizer state).
+  Forward inputs are not cast: the timestep (0..1000) and the RoPE tables lose too much in bf16; autocast casts
+  each matmul instead.
+Single process (CPU, or one GPU): nothing is wrapped.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+
+WRAPPER_PREFIXES = ("_checkpoint_wrapped_module.", "_fsdp_wrapped_module.", "_orig_mod.")
+
+
+def clean_name(name: str) -> str:
+    for prefix in WRAPPER_PREFIXES:
+        name = name.replace(prefix, "")
+    return name
+
+
+def is_distributed() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def full_tensor(t: torch.Tensor) -> torch.Tensor:
+    """The whole tensor of a (possibly sharded) DTensor; a collective under FSDP2, so every rank must call it."""
+    from torch.distributed.tensor import DTensor
+
+    return t.full_tensor() if isinstance(t, DTensor) else t
+
+
+def mean_across_ranks(value: torch.Tensor) -> torch.Tensor:
+    value = full_tensor(value.detach()).float().clone()
+    if is_distributed():
+        dist.all_reduce(value, op=dist.ReduceOp.SUM)
+        value /= dist.get_world_size()
+    return value
+
+
+def apply_activation_checkpointing(transformer: nn.Module) -> None:
+    """Recompute each block's activations in backward: memory per block drops to its inputs."""
+    from torch.distributed._composable import checkpoint
+
+    for block in transformer.blocks:
+        checkpoint(block)
+
+
+def apply_fsdp(module: nn.Module, blocks: list[nn.Module], device_type: str, compute_dtype: torch.dtype,
+               reshard_after_forward: bool = True) -> nn.Module:
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    mesh = init_device_mesh(device_type, (dist.get_world_size(),))
+    mp = None
+    if compute_dtype != torch.float32:
+        mp = MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=torch.float32, cast_forward_inputs=False)
+    kwargs = {"mesh": mesh, "reshard_after_forward": reshard_after_forward}
+    if mp is not None:
+        kwargs["mp_policy"] = mp
+    for block in blocks:
+        fully_shard(block, **kwargs)
+    # The root's parameters are used again right after forward's end (output head) and in backward's start:
+    # keeping them gathered saves one all-gather per step.
+    fully_shard(module, **{**kwargs, "reshard_after_forward": False})
+    return module
+
+
+def parallelize(module: nn.Module, transformer: nn.Module, *, device: torch.device, compute_dtype: torch.dtype,
+                grad_checkpointing: bool, reshard_after_forward: bool = True) -> nn.Module:
+    """`module` (the TrainModule holding `transformer`) made ready for training on this process's device."""
+    module.to(device)
+    if grad_checkpointing:
+        apply_activation_checkpointing(transformer)
+    if is_distributed():
+        apply_fsdp(module, list(transformer.blocks), device.type, compute_dtype, reshard_after_forward)
+    return module
