@@ -9,7 +9,7 @@ from transformers import Dinov2Config, Dinov2Model, Dinov2WithRegistersConfig, V
 
 from motif_video import MotifVideoTransformer
 from motif_video.alignment import (Dinov2Teacher, RepaAligner, RepaProjector, VJEPA2Teacher, build_teacher,
-                                   resample_tokens)
+                                   kept_at_block, resample_tokens)
 from motif_video.errors import MotifVideoError
 from motif_video.routing import RouteConfig, sample_route
 from tests.conftest import randomize_
@@ -130,10 +130,15 @@ def test_repa_through_a_routed_transformer():
     latents, text = torch.randn(2, 33, 2, 4, 6, generator=gen), torch.randn(2, 5, 32, generator=gen)
     grid = (2, 2, 3)
     route = sample_route(RouteConfig(0.5, 1, 5), len(model.blocks), 2, 12, generator=gen)
+    for block, tokens in [(0, 12), (1, 6), (4, 6), (5, 12)]:  # before, inside (first and last block), after
+        _, captured = model(latents, torch.tensor([100.0, 900.0]), text, route=route, capture_block=block)
+        kept = kept_at_block(route, block)
+        assert captured.shape == (2, tokens, model.config.hidden_size)
+        assert (kept is None) == (tokens == 12)
+    assert kept_at_block(None, 2) is None
     _, captured = model(latents, torch.tensor([100.0, 900.0]), text, route=route, capture_block=2)
-    assert captured.shape == (2, 6, model.config.hidden_size)
     aligner = RepaAligner(model.config.hidden_size, 24, projector_dim=16)
-    aligner.loss(captured, torch.randn(2, 1 * 4 * 4, 24), grid, (1, 4, 4), kept=route.kept).backward()
+    aligner.loss(captured, torch.randn(2, 1 * 4 * 4, 24), grid, (1, 4, 4), kept=kept_at_block(route, 2)).backward()
     assert model.blocks[2].proj_out.weight.grad.abs().sum() > 0
     assert model.blocks[3].proj_out.weight.grad is None
 

@@ -19,7 +19,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .errors import MotifVideoError
-from .routing import gather_tokens
+from .routing import TokenRoute, gather_tokens
 
 Grid = tuple[int, int, int]
 
@@ -59,6 +59,16 @@ def resample_tokens(tokens: torch.Tensor, grid: Grid, target_grid: Grid) -> torc
     # extent of the clip; an exact 2x downsample averages 2x2x2 neighbours.
     volume = F.interpolate(volume.float(), size=target_grid, mode="trilinear", align_corners=False)
     return volume.flatten(2).transpose(1, 2).to(tokens.dtype)  # (B, t'*h'*w', D)
+
+
+def kept_at_block(route: TokenRoute | None, block: int) -> torch.Tensor | None:
+    """The `kept` indices to pass to `RepaAligner.loss` for tokens captured after `block` under `route`.
+
+    Inside [start_layer, end_layer) the model returns only the kept tokens; before or after the route, all of them.
+    """
+    if route is not None and route.start_layer <= block < route.end_layer:
+        return route.kept
+    return None
 
 
 class RepaAligner(nn.Module):
