@@ -152,3 +152,11 @@ def test_empty_clip_and_single_image():
     assert (m.color, m.shape, m.motion, m.subject_consistency) == ("magenta", "triangle", None, None)
     s = score_clip(m, PromptAttributes("magenta", "triangle", "up"))
     assert s == {"color_correct": True, "shape_correct": True, "direction_correct": None, "all_correct": True}
+
+
+def test_isolated_specks_do_not_fool_the_detector():
+    clip = _draw("square", (220, 40, 40), _line((44, 30), (20, 30)), half=7)
+    specks = np.random.default_rng(0).random(clip.shape[:3]) < 0.01  # 1 % salt noise, brighter than the object
+    clip[specks] = 255
+    m = measure_clip(clip)
+    assert (m.color, m.shape, m.motion) == ("red", "square", "left")

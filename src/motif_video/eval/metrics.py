@@ -231,16 +231,20 @@ def measure_clip(frames: np.ndarray) -> ClipMeasurement:
     bg = np.median(x[:, ring].reshape(-1, 3), axis=0)
 
     # 2. Object: pixels far from the background, thresholded at half the object's contrast (the 50 % coverage
-    #    line of an anti-aliased edge), largest connected component per frame.
+    #    line of an anti-aliased edge), largest connected component per frame. The contrast is read inside a
+    #    first, loose component rather than from the brightest pixels, so isolated specks cannot set it.
     dist = np.linalg.norm(x - bg, axis=-1)  # (T, H, W)
-    contrast = float(np.median(np.percentile(dist.reshape(t, -1), 99.5, axis=1)))
     m = ClipMeasurement(t, h, w, [round(float(v), 2) for v in bg], detected=0.0)
+    comp = np.zeros(dist.shape, dtype=bool)
+    contrast = 0.0
+    peak = float(np.median(np.percentile(dist.reshape(t, -1), 99.5, axis=1)))
+    if peak >= MIN_CONTRAST:
+        loose = largest_component(dist > max(0.3 * peak, MIN_CONTRAST))  # (T, H, W)
+        if loose.any():
+            contrast = float(np.percentile(dist[loose], 90))  # interior pixels outnumber edge pixels
     if contrast >= MIN_CONTRAST:
         comp = largest_component(dist > 0.5 * contrast)  # (T, H, W)
-        found = comp.sum(axis=(1, 2)) >= MIN_AREA_PX
-    else:
-        comp = np.zeros(dist.shape, dtype=bool)
-        found = np.zeros(t, dtype=bool)
+    found = comp.sum(axis=(1, 2)) >= MIN_AREA_PX
     m.detected = float(found.mean())
     _background_metrics(m, x, comp, found)
     if not found.any():
