@@ -4,7 +4,6 @@ import json
 
 import pytest
 import torch
-import torch.nn.functional as F
 from transformers import Dinov2Config, Dinov2Model, Dinov2WithRegistersConfig, VJEPA2Config, VJEPA2Model
 
 from motif_video import MotifVideoTransformer

@@ -50,7 +50,8 @@ def resample_tokens(tokens: torch.Tensor, grid: Grid, target_grid: Grid) -> torc
     """(B, t*h*w, D) on `grid` -> (B, t'*h'*w', D) on `target_grid`, trilinear; unchanged when the grids match."""
     grid, target_grid = tuple(int(n) for n in grid), tuple(int(n) for n in target_grid)
     if tokens.dim() != 3 or tokens.shape[1] != math.prod(grid):
-        raise MotifVideoError(f"tokens {tuple(tokens.shape)} do not fill a {grid} grid (expected (B, {math.prod(grid)}, D))")
+        raise MotifVideoError(
+            f"tokens {tuple(tokens.shape)} do not fill a {grid} grid (expected (B, {math.prod(grid)}, D))")
     if grid == target_grid:
         return tokens
     batch, _, dim = tokens.shape
@@ -109,7 +110,8 @@ def _hf_model(config_or_model, expected_types: dict[str, str], what: str) -> nn.
     config = getattr(config_or_model, "config", config_or_model)
     model_type = getattr(config, "model_type", None)
     if model_type not in expected_types:
-        raise MotifVideoError(f"{what} teacher needs a config of type {' or '.join(expected_types)}, got {model_type!r}")
+        raise MotifVideoError(
+            f"{what} teacher needs a config of type {' or '.join(expected_types)}, got {model_type!r}")
     if isinstance(config_or_model, nn.Module):
         if type(config_or_model).__name__ != expected_types[model_type]:
             raise MotifVideoError(f"{what} teacher wraps a {expected_types[model_type]}, got "
