@@ -117,6 +117,8 @@ class CachedLatentWriter:
                   "latent_shape": list(latents.shape), "text_len": int(text.shape[0])}
         tensors = {f"{key}.latents": latents, f"{key}.text": text, f"{key}.text_mask": mask}
         if sample.teacher is not None:
+            if self.index["teacher"] is None:
+                raise ConfigError("teacher features need the teacher's name (write the cache with teacher=...)")
             if sample.teacher.dim() != 2 or sample.teacher_grid is None:
                 raise ConfigError("teacher features must be (N, D) and come with teacher_grid (t, h, w)")
             if int(torch.tensor(sample.teacher_grid).prod()) != sample.teacher.shape[0]:

@@ -416,6 +416,8 @@ def _coerce(tp, value, key: str):
             except ConfigError as e:
                 errors.append(str(e))
         raise ConfigError(errors[0])
+    if tp is Any:
+        return value
     if value is None:
         raise ConfigError(f"{key} must not be null")
     if dataclasses.is_dataclass(tp):
@@ -447,8 +449,6 @@ def _coerce(tp, value, key: str):
                     raise ConfigError(f"{key}: key {k!r} must be an integer") from None
             out[_coerce(key_type, k, f"{key} key")] = _coerce(value_type, v, f"{key}[{k}]")
         return out
-    if tp is Any:
-        return value
     if tp is bool:
         if not isinstance(value, bool):
             raise ConfigError(f"{key} must be true or false, got {value!r}")

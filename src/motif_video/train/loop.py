@@ -369,6 +369,7 @@ class Trainer:
                               num_inference_steps=v.num_inference_steps, generator=generator, output_type="np",
                               progress=False)[0]
             if self.is_main:
+                folder.mkdir(parents=True, exist_ok=True)
                 write_video((frames * 255).round().astype(np.uint8), folder / f"{i:02d}.mp4",
                             fps=pipe.defaults.fps)
 
