@@ -109,16 +109,7 @@ SPANS = {
 
 @pytest.mark.parametrize("span", list(SPANS))
 def test_routed_forward_and_gradients_match_reference(model, batch, span):
-    if span == "starts_at_decoder_start":  # see the xfail test below
-        pytest.skip("covered by test_route_starting_at_the_first_decoder_block")
     check_against_reference(model, batch, *SPANS[span])
-
-
-@pytest.mark.xfail(strict=True, raises=RuntimeError,
-                   reason="transformer.forward gathers the TEXT context with video indices when a route starts exactly "
-                          "at decoder_start (its route-start branch tests index >= decoder_start; > is right)")
-def test_route_starting_at_the_first_decoder_block(model, batch):
-    check_against_reference(model, batch, DECODER_START, DECODER_START + 2)
 
 
 def check_against_reference(model, batch, start, end):

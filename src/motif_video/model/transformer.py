@@ -184,7 +184,7 @@ class MotifVideoTransformer(nn.Module):
             if route is not None and index == route.start_layer:
                 stash["x"], x = x, gather_tokens(x, route.kept)
                 rope = tuple(gather_tokens(r, route.kept) for r in full_rope)
-                if index >= self.decoder_start:  # in the decoder both streams take the same indices
+                if index > self.decoder_start:  # inside the decoder both streams take the same indices
                     stash["context"], context = context, gather_tokens(context, route.kept)
                 else:
                     key_mask = joint_key_mask(text_keep, x.shape[1])

