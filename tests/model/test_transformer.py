@@ -232,3 +232,35 @@ def test_convert_cli_roundtrip_and_errors(tmp_path, capsys):
     assert cli_main(["convert", str(tmp_path / "nothing"), str(tmp_path / "o"), "--to", "diffusers"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error:") and "\n" not in err
+
+
+def test_encoder_reuse_refresh_equals_full_forward_and_reuse_skips_the_encoder():
+    from motif_video.model.transformer import EncoderCache
+
+    model = randomize_(MotifVideoTransformer.from_preset("motif-video-tiny")).eval()
+    x, t, text, mask, image = inputs(model.config, image_tokens=2)
+    cache = EncoderCache()
+    with torch.no_grad():
+        assert torch.equal(model(x, t, text, mask, image, encoder_cache=cache), model(x, t, text, mask, image))
+        encoder_tokens = cache.tokens
+        # a later step with reuse: the encoder does not run, the decoder sees the cached tokens and the new input
+        calls = []
+        hook = model.transformer_blocks[0].register_forward_hook(lambda *a: calls.append(1))
+        cache.refresh = False
+        x2, t2 = x + 0.1, t - 10
+        reused = model(x2, t2, text, mask, image, encoder_cache=cache)
+        hook.remove()
+        assert not calls and cache.tokens is encoder_tokens
+        assert not torch.equal(reused, model(x2, t2, text, mask, image))
+        # reference: the decoder blocks run by hand on the new input's patch embedding and the cached tokens
+        cfg = model.config
+        temb = model.time_text_embed(t2)
+        decoder, context = model.x_embedder(x2), encoder_tokens
+        rope = model.rope((3, 3, 5), x2.device)
+        for block in model.single_transformer_blocks[cfg.num_encoder_single_layers:]:
+            decoder, context = block(decoder, context, temb, None, rope)
+        patches = model.proj_out(model.norm_out(decoder, temb)).reshape(2, 3, 3, 5, 16, 1, 2, 2)
+        expected = torch.einsum("bthwcqyx->bctqhywx", patches).reshape(2, 16, 3, 6, 10)
+        assert torch.allclose(reused, expected, atol=1e-6)
+        with pytest.raises(MotifVideoError, match="do not match"):
+            model(x2[:1], t2[:1], text[:1], mask[:1], image[:1], encoder_cache=cache)

@@ -138,3 +138,22 @@ def test_missing_component_folder(model_dir, tmp_path):
     shutil.rmtree(broken / "vae")
     with pytest.raises(CheckpointError, match="missing vae"):
         MotifVideoPipeline.from_pretrained(broken)
+
+
+def test_encoder_reuse_runs_the_encoder_on_every_kth_step(pipe):
+    calls = []
+    hook = pipe.transformer.transformer_blocks[0].register_forward_hook(lambda *a: calls.append(1))
+    common = dict(num_inference_steps=5, latents=noise(), progress=False, **SIZE)
+    try:
+        exact = pipe("a red square", **common)
+        assert len(calls) == 5
+        calls.clear()
+        assert np.array_equal(pipe("a red square", encoder_reuse=1, **common), exact)
+        calls.clear()
+        reused = pipe("a red square", encoder_reuse=2, **common)
+        assert len(calls) == 3  # steps 0, 2, 4
+    finally:
+        hook.remove()
+    assert 0 < np.abs(reused - exact).max() < 0.5
+    with pytest.raises(MotifVideoError, match="encoder_reuse"):
+        pipe("a red square", encoder_reuse=0, **common)

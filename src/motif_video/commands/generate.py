@@ -33,6 +33,8 @@ def register(subparsers) -> None:
     p.add_argument("--guider", choices=["apg", "cfg"], default=None, help="guidance method")
     p.add_argument("--shift", type=float, default=None, help="flow-matching schedule shift")
     p.add_argument("--solver", choices=["euler", "dpm++"], default=None, help="sampler")
+    p.add_argument("--encoder-reuse", type=int, default=None, metavar="K",
+                   help="run the encoder on every K-th step only and reuse its output (faster, approximate)")
     p.add_argument("--seed", type=int, default=0, help="random seed of the initial noise")
     p.add_argument("--negative-prompt", default=None, help="negative prompt (default: the release's)")
     p.add_argument("--fps", type=int, default=None, help="frames per second of the written video")
@@ -79,6 +81,7 @@ def run(args) -> int:
         pipe, out, fps=args.fps, prompt=args.prompt, negative_prompt=args.negative_prompt, image=args.image,
         height=args.height, width=args.width, num_frames=args.frames, num_inference_steps=args.steps,
         guidance_scale=args.guidance_scale, guider=args.guider, shift=args.shift, solver=args.solver,
+        encoder_reuse=args.encoder_reuse,
         generator=generator, progress=not args.quiet,
     )
     total = time.perf_counter() - started

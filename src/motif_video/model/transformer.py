@@ -12,6 +12,7 @@ See docs/architecture.md.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -37,6 +38,19 @@ class OutputNorm(nn.Module):
     def forward(self, x: torch.Tensor, temb: torch.Tensor) -> torch.Tensor:
         scale, shift = self.linear(F.silu(temb).to(x.dtype)).chunk(2, dim=1)
         return self.norm(x) * (1 + scale[:, None]) + shift[:, None]
+
+
+@dataclass
+class EncoderCache:
+    """Inference option (DDT-style): reuse the encoder's output across neighbouring sampling steps.
+
+    The encoder (dual + single-encoder blocks) changes slowly from one step to the next while the decoder re-reads
+    the current patch embedding every step, so running the encoder on only some steps keeps most of the quality for
+    a large share of the compute. Set `refresh=True` on the steps that must recompute; the first use always does.
+    """
+
+    refresh: bool = True
+    tokens: torch.Tensor | None = None  # the encoder's final video tokens (B, N, D)
 
 
 def joint_key_mask(text_keep: torch.Tensor | None, num_video: int) -> torch.Tensor | None:
@@ -146,12 +160,14 @@ class MotifVideoTransformer(nn.Module):
         *,
         route: TokenRoute | None = None,
         capture_block: int | None = None,
+        encoder_cache: EncoderCache | None = None,
     ):
         """Velocity (B, out_channels, T, H, W) for latents (B, in_channels, T, H, W) at `timestep` (B,) in [0, 1000].
 
         encoder_hidden_states (B, L, text_embed_dim) with optional keep-mask (B, L); image_embeds (B, N_img, D_img)
         for I2V. `route`: TREAD keep set (training). `capture_block`: also return the video tokens after that block
         (B, N, D) for REPA; inside a route these are only the kept tokens, in `route.kept` order.
+        `encoder_cache`: reuse the encoder's output across sampling steps (inference; see EncoderCache).
         """
         c = self.config
         if timestep.dim() == 0:
@@ -180,7 +196,10 @@ class MotifVideoTransformer(nn.Module):
         rope, key_mask = full_rope, joint_key_mask(text_keep, x.shape[1])
         stash: dict[str, torch.Tensor] = {}
         captured = None
+        reuse = self._reuse_encoder(encoder_cache, x, route)
         for index, block in enumerate(self.blocks):
+            if reuse and index < self.decoder_start:
+                continue  # the encoder's output comes from an earlier step
             if route is not None and index == route.start_layer:
                 stash["x"], x = x, gather_tokens(x, route.kept)
                 rope = tuple(gather_tokens(r, route.kept) for r in full_rope)
@@ -192,6 +211,11 @@ class MotifVideoTransformer(nn.Module):
                 x, context, rope, key_mask = self._unroute(stash, x, context, route, full_rope, text_keep, index)
             if index == self.decoder_start:
                 # 4. DDT decoder: the encoder's video tokens become the context; no text, no mask
+                if encoder_cache is not None:
+                    if reuse:
+                        x = encoder_cache.tokens
+                    else:
+                        encoder_cache.tokens = x
                 context, key_mask = x, None
                 if "x" in stash:  # routed: the decoder stream takes the same kept tokens
                     stash["context"], stash["x"] = stash["x"], decoder_input
@@ -210,6 +234,20 @@ class MotifVideoTransformer(nn.Module):
         x = x.reshape(batch, *grid, -1, pt, p, p)  # (B, T', H', W', C, pt, p, p)
         x = x.permute(0, 4, 1, 5, 2, 6, 3, 7).reshape(batch, -1, frames, height, width)
         return (x, captured) if capture_block is not None else x
+
+    def _reuse_encoder(self, cache: EncoderCache | None, x: torch.Tensor, route: TokenRoute | None) -> bool:
+        if cache is None:
+            return False
+        if route is not None:
+            raise MotifVideoError("encoder reuse is an inference option and cannot be combined with token routing")
+        if self.config.num_decoder_layers == 0:
+            raise MotifVideoError("encoder reuse needs a model with decoder blocks (num_decoder_layers > 0)")
+        if cache.refresh or cache.tokens is None:
+            return False
+        if cache.tokens.shape != x.shape:
+            raise MotifVideoError(f"cached encoder tokens {tuple(cache.tokens.shape)} do not match this input "
+                                  f"{tuple(x.shape)}; refresh the cache when the batch or size changes")
+        return True
 
     def _unroute(self, stash, x, context, route, full_rope, text_keep, index):
         x = scatter_tokens(stash.pop("x"), x, route.kept)
