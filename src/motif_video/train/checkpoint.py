@@ -6,8 +6,8 @@
         lora/, lora_ema/      instead of the two above in a LoRA run: pytorch_lora_weights.safetensors
         aligner.safetensors   REPA projector (when alignment is on)
         optimizer.pt          full (unsharded) AdamW state, keyed by parameter name
-        trainer_state.pt      step, LR scheduler, data sampler position, world size
-        rng-00000.pt ...      each rank's torch / CUDA / numpy / python RNG states
+        trainer_state.pt      step, LR scheduler, world size
+        rank-00000.pt ...     each rank's data sampler position and torch / CUDA / numpy / python RNG states
         config.yaml           the resolved training config
 
 A checkpoint is written into `.tmp-step-...`, every file fsynced, then renamed: a crash mid-save leaves the previous
@@ -138,7 +138,7 @@ def save_checkpoint(root: str | Path, step: int, *, module: nn.Module, optimizer
             shutil.rmtree(stale, ignore_errors=True)
         tmp.mkdir()
     barrier()
-    torch.save(rng_state(), tmp / f"rng-{rank:05d}.pt")
+    torch.save({"sampler": sampler_state, "rng": rng_state()}, tmp / f"rank-{rank:05d}.pt")
     barrier()
     if rank == 0:
         transformer = module.transformer
@@ -158,8 +158,8 @@ def save_checkpoint(root: str | Path, step: int, *, module: nn.Module, optimizer
         if aligner:
             save_file({k: v.contiguous() for k, v in aligner.items()}, str(tmp / "aligner.safetensors"))
         torch.save(optim, tmp / "optimizer.pt")
-        torch.save({"step": step, "scheduler": scheduler.state_dict(), "sampler": sampler_state,
-                    "world_size": world}, tmp / "trainer_state.pt")
+        torch.save({"step": step, "scheduler": scheduler.state_dict(), "world_size": world},
+                   tmp / "trainer_state.pt")
         config.dump(tmp / "config.yaml")
         _fsync_tree(tmp)
         if final.exists():  # the same step saved twice (periodic + final): keep the first
@@ -201,13 +201,19 @@ def _check_covers(module: nn.Module, state: dict, what: str) -> None:
 
 
 def load_checkpoint(checkpoint: Path, *, module: nn.Module, optimizer, scheduler, ema, config: TrainConfig) -> dict:
-    """Restore everything `save_checkpoint` wrote into already built (and sharded) objects; returns trainer state."""
+    """Restore everything `save_checkpoint` wrote into already built (and sharded) objects; returns the trainer
+    state with this rank's sampler state under "sampler"."""
     from torch.distributed.checkpoint.state_dict import (StateDictOptions, set_model_state_dict,
                                                          set_optimizer_state_dict)
 
     rank, world = rank_and_world()
     distributed = is_distributed()
     lora = config.lora is not None
+    state = torch.load(checkpoint / "trainer_state.pt", map_location="cpu", weights_only=True)
+    if state["world_size"] != world:
+        # Each rank's data order is its slice of the global batch: another rank count would reshuffle the data.
+        raise CheckpointError(f"checkpoint {checkpoint} was written by {state['world_size']} processes; resume it "
+                              f"with the same number (this run has {world})")
     options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=distributed, strict=False)
 
     def weights(which: str) -> dict:
@@ -232,10 +238,8 @@ def load_checkpoint(checkpoint: Path, *, module: nn.Module, optimizer, scheduler
     set_optimizer_state_dict(module, optimizer, optim, options=StateDictOptions(
         full_state_dict=True, broadcast_from_rank0=distributed))
 
-    state = torch.load(checkpoint / "trainer_state.pt", map_location="cpu", weights_only=False)
     scheduler.load_state_dict(state["scheduler"])
-    rng_file = checkpoint / f"rng-{rank:05d}.pt"
-    if state.get("world_size") == world and rng_file.is_file():
-        set_rng_state(torch.load(rng_file, map_location="cpu", weights_only=False))
+    own = torch.load(checkpoint / f"rank-{rank:05d}.pt", map_location="cpu", weights_only=True)
+    set_rng_state(own["rng"])
     barrier()
-    return state
+    return {**state, "sampler": own["sampler"]}
