@@ -22,8 +22,9 @@ def register(subparsers) -> None:
     p.add_argument("--size", type=int, default=64, help="frame side in pixels (even)")
     p.add_argument("--fps", type=float, default=24.0, help="frame rate written into the clips")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--eval-prompts", type=int, default=105,
-                   help="also write heldout_prompts.jsonl with this many held-out-wording prompts (0: none)")
+    p.add_argument("--eval-prompts", type=int, default=210,
+                   help="also write heldout_prompts.jsonl with this many held-out-wording prompts (0: none); "
+                        "210 covers every colour x shape x motion x size once")
     p.add_argument("--overwrite", action="store_true", help="replace a previous nano dataset in OUT_DIR")
     p.set_defaults(func=run)
 
