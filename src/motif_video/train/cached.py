@@ -202,6 +202,20 @@ def read_index(folder: Path) -> dict:
 
 
 # -- reading -------------------------------------------------------------------------------------------------------
+def same_source(recorded: str | None, wanted: str, by_name: bool = False) -> bool:
+    """Whether the model a cache records (a name, hub id or folder path) is the one a config names: the same
+    string, the same folder, or (`by_name`) the same last path component, e.g. `dinov2-base` for
+    `/models/dinov2-base` or `facebook/dinov2-base`."""
+    if recorded is None:
+        return False
+    if recorded == wanted:
+        return True
+    a, b = Path(recorded).expanduser(), Path(wanted).expanduser()
+    if a.exists() and b.exists() and a.resolve() == b.resolve():
+        return True
+    return by_name and a.name == b.name
+
+
 class CachedLatentDataset(torch.utils.data.Dataset):
     """Samples of one or more cache folders; item i -> dict of float32 tensors + caption + bucket."""
 
@@ -215,10 +229,10 @@ class CachedLatentDataset(torch.utils.data.Dataset):
         self._empty: tuple[Path, str] | None = None
         for folder in map(Path, folders):
             index = read_index(folder)
-            if text_encoder is not None and index.get("text_encoder") != text_encoder:
+            if text_encoder is not None and not same_source(index.get("text_encoder"), text_encoder):
                 raise ConfigError(f"cache {folder} was written with text encoder {index.get('text_encoder')!r}, "
                                   f"the config wants {text_encoder!r}")
-            if teacher is not None and index.get("teacher") != teacher:
+            if teacher is not None and not same_source(index.get("teacher"), teacher, by_name=True):
                 raise ConfigError(f"cache {folder} holds teacher features of {index.get('teacher')!r}, the config "
                                   f"wants {teacher!r} (re-run `motif-video cache` with that teacher)")
             for name in ("text_dim", "teacher_dim"):

@@ -55,6 +55,23 @@ def check_architecture(model: MotifVideoTransformer, target: TransformerConfig, 
                               f"{want.get(key)!r}{hint}")
 
 
+def apply_transitions(model: MotifVideoTransformer, transitions: list[str], target: TransformerConfig,
+                      where: str = "stage") -> MotifVideoTransformer:
+    """The listed architecture changes, in order; the result must match `target` exactly."""
+    for op in transitions:
+        if op == "switch_text_encoder":
+            switch_text_encoder(model, target.text_embed_dim)
+        elif op == "insert_shared_cross_attention":
+            if not target.enable_text_cross_attention_single:
+                raise ConfigError("insert_shared_cross_attention: set model.overrides."
+                                  "enable_text_cross_attention_single: true for this stage")
+            model.insert_shared_cross_attention(target.cross_attention_form)
+        else:
+            raise ConfigError(f"unknown stage transition {op!r}")
+    check_architecture(model, target, where)
+    return model
+
+
 def build_transformer(config: TrainConfig) -> MotifVideoTransformer:
     """The model a run starts from: a preset (random init from the seed), a pretrained folder, or the previous
     stage's checkpoint with the stage's transitions applied."""
@@ -70,16 +87,7 @@ def build_transformer(config: TrainConfig) -> MotifVideoTransformer:
             raise ConfigError(f"stage.init_from: {checkpoint} has no {folder.name}/ weights "
                               + ("(set stage.init_weights: model)" if stage.init_weights == "ema" else ""))
         model = MotifVideoTransformer.from_pretrained(folder)
-        for op in stage.transitions:
-            if op == "switch_text_encoder":
-                switch_text_encoder(model, target.text_embed_dim)
-            elif op == "insert_shared_cross_attention":
-                if not target.enable_text_cross_attention_single:
-                    raise ConfigError("insert_shared_cross_attention: set model.overrides."
-                                      "enable_text_cross_attention_single: true for this stage")
-                model.insert_shared_cross_attention(target.cross_attention_form)
-        check_architecture(model, target, f"stage {stage.name or ''} from {checkpoint}".replace("  ", " "))
-        return model
+        return apply_transitions(model, stage.transitions, target, f"stage {stage.name} from {checkpoint}")
     if section.pretrained is not None:
         return MotifVideoTransformer.from_pretrained(section.pretrained, torch_dtype=torch.float32)
     return MotifVideoTransformer(section.architecture())
