@@ -41,7 +41,7 @@ class CachedSample:
     text: torch.Tensor  # (L, D)
     text_mask: torch.Tensor | None = None  # (L,), 1 = real token; None: all real
     caption: str = ""
-    bucket: str | None = None  # None: derived from the latent shape
+    bucket: str | None = None  # checked against the latent shape, from which it is derived when None
     teacher: torch.Tensor | None = None  # (N_t, D_t) REPA teacher patch features
     teacher_grid: tuple[int, int, int] | None = None  # the teacher tokens' (t, h, w) layout
 
@@ -110,8 +110,11 @@ class CachedLatentWriter:
             text, mask = text[:last], mask[:last]
         self._check_dim("latent_channels", latents.shape[0])
         self._check_dim("text_dim", text.shape[1])
-        bucket = sample.bucket or default_bucket(latents.shape)
-        Bucket.parse(bucket)  # the samplers key batches by it
+        bucket = default_bucket(latents.shape)
+        if sample.bucket is not None and str(Bucket.parse(sample.bucket)) != bucket:
+            # Batches are drawn per bucket and stacked: a key that lies about the shape would break a batch later.
+            raise ConfigError(f"bucket {sample.bucket} does not match latents {tuple(latents.shape)} (that is {bucket} "
+                              "with the Wan VAE's 4x temporal, 8x spatial compression)")
         key = f"s{len(self.index['samples']) + len(self._pending_records):08d}"
         record = {"key": key, "caption": sample.caption, "bucket": bucket,
                   "latent_shape": list(latents.shape), "text_len": int(text.shape[0])}
