@@ -20,9 +20,9 @@ import time
 
 import torch
 import torch.nn.functional as F
-from torch.utils.flop_counter import FlopCounterMode
 
 from motif_video import MotifVideoTransformer, preset
+from motif_video.flops import count_flops, meta_model_inputs, video_tokens
 from motif_video.routing import RouteConfig, sample_route
 
 
@@ -40,19 +40,13 @@ def parse_overrides(pairs: list[str]) -> dict:
 
 def step_flops(config, latent: tuple[int, int, int], batch: int, text_len: int, route_config: RouteConfig) -> dict:
     """Forward + backward FLOPs, unrouted and routed, counted on the meta device (no memory, no compute)."""
-    with torch.device("meta"):
-        model = MotifVideoTransformer(config)
-        latents = torch.zeros(batch, config.in_channels, *latent)
-        text = torch.zeros(batch, text_len, config.text_embed_dim)
-        timestep = torch.zeros(batch)
-    frames, height, width = latent
-    tokens = (frames // config.patch_size_t) * (height // config.patch_size) * (width // config.patch_size)
+    model, latents, timestep, text, _ = meta_model_inputs(config, latent, batch, text_len)
+    tokens = video_tokens(config, latent)
     flops = {}
     for name, routed in (("unrouted", False), ("routed", True)):
         route = sample_route(route_config, config.num_blocks, batch, tokens, device="meta") if routed else None
-        with FlopCounterMode(display=False) as counter:
-            model(latents, timestep, text, route=route).float().square().mean().backward()
-        flops[name] = counter.get_total_flops()
+        loss = lambda: model(latents, timestep, text, route=route).float().square().mean()  # noqa: E731
+        flops[name] = count_flops(lambda: loss().backward())
     return flops
 
 
