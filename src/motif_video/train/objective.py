@@ -49,13 +49,17 @@ class TrainModule(nn.Module):
         self.aligner = aligner
         self.align_block = align_block
 
-    def forward(self, hidden_states, timestep, text, text_mask, *, route: TokenRoute | None = None,
-                teacher: torch.Tensor | None = None, teacher_grid=None, student_grid=None):
-        """(velocity (B, 16, T, H, W), REPA loss or None). The REPA term is computed only when `teacher` is given."""
+    def forward(self, hidden_states, timestep, text, text_mask=None, image_embeds=None, *,
+                route: TokenRoute | None = None, teacher: torch.Tensor | None = None, teacher_grid=None,
+                student_grid=None, **model_kwargs):
+        """(velocity (B, 16, T, H, W), REPA loss or None). The REPA term is computed only when `teacher` is given;
+        `model_kwargs` go to the transformer as they are (inference options, when validation samples videos)."""
         if teacher is None or self.aligner is None:
-            return self.transformer(hidden_states, timestep, text, text_mask, route=route), None
-        velocity, tokens = self.transformer(hidden_states, timestep, text, text_mask, route=route,
-                                            capture_block=self.align_block)
+            velocity = self.transformer(hidden_states, timestep, text, text_mask, image_embeds, route=route,
+                                        **model_kwargs)
+            return velocity, None
+        velocity, tokens = self.transformer(hidden_states, timestep, text, text_mask, image_embeds, route=route,
+                                            capture_block=self.align_block, **model_kwargs)
         # Inside a route the captured block saw only the kept tokens (in kept order): align those.
         routed = route is not None and route.start_layer <= self.align_block < route.end_layer
         repa = self.aligner.loss(tokens, teacher, student_grid, teacher_grid, kept=route.kept if routed else None)
