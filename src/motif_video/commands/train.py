@@ -8,6 +8,7 @@ saved in it.
 from __future__ import annotations
 
 import argparse
+import os
 from pathlib import Path
 
 
@@ -43,5 +44,6 @@ def run(args) -> int:
     else:
         config = load_config(source, overrides)
     result = train(config, resume=resume)
-    print(f"trained to step {result.step}; last checkpoint: {result.checkpoint}")
+    if int(os.environ.get("RANK", "0")) == 0:  # one line per run, not one per process
+        print(f"trained to step {result.step}; last checkpoint: {result.checkpoint}")
     return 0
