@@ -113,3 +113,15 @@ def test_stage_mistakes_are_config_errors(tmp_path):
         build_transformer(tiny_stage_config(tmp_path, cache, "c", stage={"init_from": str(tmp_path / "nowhere")}))
     with pytest.raises(ConfigError, match="stage.transitions need stage.init_from"):
         tiny_stage_config(tmp_path, cache, "d", stage={"transitions": ["switch_text_encoder"]})
+
+
+def test_pretrained_overrides_may_not_change_the_weight_layout(tmp_path):
+    cache = make_cache(tmp_path / "cache")
+    folder = MotifVideoTransformer.from_preset("motif-video-tiny").save_pretrained(tmp_path / "base")
+    config = tiny_stage_config(tmp_path, cache, "a", model={"pretrained": str(folder), "overrides": {
+        "rope_theta": 500.0}})
+    assert build_transformer(config).config.rope_theta == 500.0  # a behaviour setting: allowed
+    config = tiny_stage_config(tmp_path, cache, "b", model={"pretrained": str(folder), "overrides": {
+        "text_embed_dim": 48}})
+    with pytest.raises(ConfigError, match="change the layout of the pretrained weights"):
+        build_transformer(config)

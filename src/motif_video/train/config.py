@@ -27,15 +27,14 @@ class ModelSection:
 
     preset: str | None = None
     pretrained: str | None = None  # folder with config.json + safetensors; its weights are loaded
-    overrides: dict[str, Any] = field(default_factory=dict)  # TransformerConfig fields
+    # TransformerConfig fields; with `pretrained` only those that keep its weights' layout (e.g. rope_theta)
+    overrides: dict[str, Any] = field(default_factory=dict)
 
     def validate(self, key: str) -> None:
         if (self.pretrained is None) == (self.preset is None):
             raise ConfigError(f"{key}: set exactly one of preset and pretrained")
         if self.pretrained is None and self.preset not in PRESETS:
             raise ConfigError(f"{key}.preset: unknown preset {self.preset!r}; choose one of: {', '.join(PRESETS)}")
-        if self.pretrained is not None and self.overrides:
-            raise ConfigError(f"{key}.overrides apply to a preset; a pretrained folder's architecture is its own")
         known = {f.name for f in dataclasses.fields(TransformerConfig)}
         unknown = sorted(set(self.overrides) - known)
         if unknown:

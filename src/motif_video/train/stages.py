@@ -89,5 +89,14 @@ def build_transformer(config: TrainConfig) -> MotifVideoTransformer:
         model = MotifVideoTransformer.from_pretrained(folder)
         return apply_transitions(model, stage.transitions, target, f"stage {stage.name} from {checkpoint}")
     if section.pretrained is not None:
-        return MotifVideoTransformer.from_pretrained(section.pretrained, torch_dtype=torch.float32)
+        model = MotifVideoTransformer.from_pretrained(section.pretrained, torch_dtype=torch.float32)
+        if section.overrides:
+            changed = model.config.replace(**section.overrides)
+            with torch.device("meta"):
+                shapes = {k: v.shape for k, v in MotifVideoTransformer(changed).state_dict().items()}
+            if shapes != {k: v.shape for k, v in model.state_dict().items()}:
+                raise ConfigError(f"model.overrides {sorted(section.overrides)} change the layout of the pretrained "
+                                  "weights; architecture changes go through stage.transitions")
+            model.config = changed
+        return model
     return MotifVideoTransformer(section.architecture())
