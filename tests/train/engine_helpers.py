@@ -59,7 +59,7 @@ def base_config(tmp_path: Path, cache: Path, **sections) -> dict:
         "data": {"cache_dirs": [str(cache)], "batch_size": 2},
         "optim": {"lr": 1e-3, "steps": 4, "warmup_steps": 1},
         "ema": {"enabled": True, "decay": 0.9},
-        "logging": {"every": 1, "tensorboard": False, "progress": False},
+        "logging": {"every": 1, "tensorboard": None, "progress": False},
         "checkpointing": {"every": 2, "keep_last": 5},
     }
     raw.update(sections)

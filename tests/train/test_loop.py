@@ -23,7 +23,7 @@ def test_a_tiny_model_overfits_a_handful_of_clips(tmp_path):
         objective={"text_dropout": 0.0},
         optim={"lr": 5e-3, "steps": 500, "warmup_steps": 20, "schedule": "cosine"},
         ema={"enabled": False},
-        logging={"every": 50, "tensorboard": False, "progress": False},
+        logging={"every": 50, "tensorboard": None, "progress": False},
         checkpointing={"every": 1000, "save_final": False},
         validation={"every": 500, "num_samples": 4})
     trainer = Trainer(config)
@@ -62,7 +62,7 @@ def test_activation_checkpointing_changes_nothing_but_memory(tmp_path):
 def test_logs_tensorboard_checkpoints_and_validation(tmp_path):
     cache = make_cache(tmp_path / "cache")
     config = build_config(tmp_path, cache, optim={"lr": 1e-3, "steps": 6},
-                          logging={"every": 3, "tensorboard": True, "progress": False},
+                          logging={"every": 3, "tensorboard": "tb", "progress": False},
                           checkpointing={"every": 2, "keep_last": 2},
                           validation={"every": 3, "num_samples": 3})
     result = train(config)
@@ -72,7 +72,7 @@ def test_logs_tensorboard_checkpoints_and_validation(tmp_path):
     assert {"loss", "flow_loss", "grad_norm", "lr", "step_time", "tokens_per_s"} <= set(log[3])
     val = [line for line in (run / "log.jsonl").read_text().splitlines() if "val_loss" in line]
     assert len(val) == 2 and "val_loss_ema" in val[0]
-    assert list((run / "tensorboard").rglob("events.out.tfevents.*"))
+    assert list((run / "tb").rglob("events.out.tfevents.*"))
     assert [p.name for p in list_checkpoints(run / "checkpoints")] == ["step-00000004", "step-00000006"]
     assert result.checkpoint.name == "step-00000006"
     assert (run / "config.yaml").is_file() and (result.checkpoint / "config.yaml").is_file()

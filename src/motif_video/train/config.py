@@ -172,7 +172,7 @@ class ParallelSection:
 
 @dataclass
 class LoggingSection:
-    tensorboard: bool = True  # event files under <output_dir>/tensorboard
+    tensorboard: str | None = "tensorboard"  # event-file folder (relative: inside output_dir); null: off
     every: int = 10  # steps between log lines (log.jsonl, TensorBoard)
     progress: bool = True  # tqdm bar on the main process
 

@@ -115,14 +115,20 @@ class Trainer:
 
     def setup(self) -> None:
         from accelerate import Accelerator
+        from accelerate.utils import ProjectConfiguration
 
         c = self.config
         cuda = torch.cuda.is_available()
         self.compute_dtype = self._precision()
-        log_with = "tensorboard" if c.logging.tensorboard else None
+        self.tensorboard_dir = None
+        if c.logging.tensorboard is not None:
+            self.tensorboard_dir = self.output_dir / c.logging.tensorboard  # an absolute path replaces output_dir
         self.accelerator = Accelerator(
             cpu=not cuda, mixed_precision="bf16" if self.compute_dtype == torch.bfloat16 else "no",
-            log_with=log_with, project_dir=str(self.output_dir))
+            log_with="tensorboard" if self.tensorboard_dir else None,
+            project_config=ProjectConfiguration(
+                project_dir=str(self.output_dir),
+                logging_dir=str(self.tensorboard_dir.parent) if self.tensorboard_dir else None))
         acc = self.accelerator
         self.device, self.rank, self.world = acc.device, acc.process_index, acc.num_processes
         self.is_main = acc.is_main_process
@@ -228,8 +234,8 @@ class Trainer:
         acc = self.accelerator
         if self.is_main:
             c.dump(self.output_dir / "config.yaml")
-            if c.logging.tensorboard:
-                acc.init_trackers("tensorboard")
+            if self.tensorboard_dir is not None:
+                acc.init_trackers(self.tensorboard_dir.name)
         from tqdm import tqdm
 
         progress = tqdm(total=c.optim.steps, initial=self.step, disable=not (self.is_main and c.logging.progress),
@@ -286,7 +292,7 @@ class Trainer:
                     last_checkpoint = self.save()
         finally:
             progress.close()
-            if self.is_main and c.logging.tensorboard:
+            if self.is_main and self.tensorboard_dir is not None:
                 acc.end_training()
         result.step = self.step
         result.checkpoint = last_checkpoint
@@ -302,7 +308,7 @@ class Trainer:
             return
         with open(self.output_dir / "log.jsonl", "a") as f:
             f.write(json.dumps({"step": step, **metrics}) + "\n")
-        if self.config.logging.tensorboard:
+        if self.tensorboard_dir is not None:
             self.accelerator.log({f"train/{k}": v for k, v in metrics.items()}, step=step)
 
     def save(self) -> Path:
@@ -346,7 +352,7 @@ class Trainer:
         if self.is_main:
             with open(self.output_dir / "log.jsonl", "a") as f:
                 f.write(json.dumps({"step": step, **{f"val_{k}": x for k, x in metrics.items()}}) + "\n")
-            if self.config.logging.tensorboard:
+            if self.tensorboard_dir is not None:
                 self.accelerator.log({f"val/{k}": x for k, x in metrics.items()}, step=step)
         return metrics
 
