@@ -10,7 +10,8 @@ from motif_video.cli import main as cli_main
 from motif_video.train.cached import write_cached_samples
 from motif_video.train.checkpoint import list_checkpoints, read_weights
 from motif_video.train.loop import Trainer, TrainingDiverged, lr_factor, train
-from tests.train.engine_helpers import WIDE_TINY, build_config, make_cache, make_samples, one_thread, read_log  # noqa: F401
+from tests.train.engine_helpers import (WIDE_TINY, build_config, make_cache, make_samples, one_thread,  # noqa: F401
+                                        read_log)
 
 
 def test_a_tiny_model_overfits_a_handful_of_clips(tmp_path):

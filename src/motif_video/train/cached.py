@@ -192,7 +192,8 @@ def write_cached_samples(folder: str | Path, samples: Iterable[CachedSample], *,
 def read_index(folder: Path) -> dict:
     path = folder / INDEX_NAME
     if not path.is_file():
-        raise ConfigError(f"{folder} is not a latent cache: it has no {INDEX_NAME} (write one with `motif-video cache`)")
+        raise ConfigError(f"{folder} is not a latent cache: it has no {INDEX_NAME} "
+                          "(write one with `motif-video cache`)")
     try:
         index = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
