@@ -277,6 +277,16 @@ class MotifVideoTransformer(nn.Module):
         self.config = c.replace(enable_text_cross_attention_single=True, cross_attention_form=form)
         return self
 
+    def replace_text_projection(self, text_embed_dim: int) -> "MotifVideoTransformer":
+        """A freshly initialised text projection for a text encoder of another width (paper, stage 4: the
+        sentence-embedding model is replaced by T5Gemma2); everything downstream keeps its weights."""
+        if self.config.text_embed_dim == text_embed_dim:
+            raise MotifVideoError(f"the model already takes text_embed_dim={text_embed_dim}")
+        ref = next(self.context_embedder.parameters())
+        self.context_embedder = text_projection(text_embed_dim, self.config.hidden_size).to(ref.device, ref.dtype)
+        self.config = self.config.replace(text_embed_dim=text_embed_dim)
+        return self
+
     # -- checkpoints ---------------------------------------------------------------------------------------------
     @classmethod
     def from_pretrained(cls, folder_or_hub_id: str | Path, subfolder: str | None = None, *,

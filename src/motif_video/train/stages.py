@@ -18,7 +18,6 @@ import torch
 
 from ..errors import ConfigError
 from ..model.config import TransformerConfig
-from ..model.embeddings import text_projection
 from ..model.transformer import MotifVideoTransformer
 from .checkpoint import resolve_checkpoint
 from .config import TrainConfig
@@ -26,13 +25,9 @@ from .config import TrainConfig
 
 def switch_text_encoder(model: MotifVideoTransformer, text_embed_dim: int) -> MotifVideoTransformer:
     """A fresh text projection for a text encoder of width `text_embed_dim` (old projection dropped)."""
-    old = model.config.text_embed_dim
-    if old == text_embed_dim:
-        raise ConfigError(f"switch_text_encoder: the model already takes text_embed_dim={old}")
-    ref = next(model.context_embedder.parameters())
-    model.context_embedder = text_projection(text_embed_dim, model.config.hidden_size).to(ref.device, ref.dtype)
-    model.config = model.config.replace(text_embed_dim=text_embed_dim)
-    return model
+    if model.config.text_embed_dim == text_embed_dim:
+        raise ConfigError(f"switch_text_encoder: the model already takes text_embed_dim={text_embed_dim}")
+    return model.replace_text_projection(text_embed_dim)
 
 
 def _comparable(config: TransformerConfig) -> dict:
