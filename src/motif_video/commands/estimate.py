@@ -128,9 +128,7 @@ def weight_bytes(config, dtype: str, *, quantize_modulation: bool = False) -> di
     block type, everything else F32); `resident` is what a loaded model holds when computing in bf16, since the
     loader keeps quantised weights as bytes and turns every other tensor into the compute dtype.
     """
-    import numpy as np
-
-    count = lambda shape: int(np.prod(shape, dtype=np.int64))  # noqa: E731
+    count = math.prod
     value_bytes, ggml = DTYPES[dtype]
     out = {"dtype": dtype}
     if ggml is None:
