@@ -52,6 +52,12 @@ def test_apg_matches_diffusers_normalized_guidance():
         assert torch.allclose(ours(cond, uncond), expected, atol=1e-5)
 
 
+def test_sequential_guidance_equals_batched(pipe):
+    common = dict(prompt="a red square", negative_prompt="bad quality", num_inference_steps=2, latents=noise(),
+                  progress=False, **SIZE)
+    assert np.abs(pipe(batch_guidance=False, **common) - pipe(**common)).max() <= 1e-5
+
+
 def test_trimmed_padding_equals_full_padding(pipe):
     states, mask = pipe.prompts.encode(["a red square"], trim_padding=True)
     full, full_mask = pipe.prompts.encode(["a red square"], trim_padding=False)

@@ -41,6 +41,8 @@ def register(subparsers) -> None:
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
     p.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="compute dtype (default: fp32 on CPU, bf16 on CUDA)")
     p.add_argument("--offload", action="store_true", help="keep only the active component on the GPU")
+    p.add_argument("--sequential-guidance", action="store_true",
+                   help="run the conditional and unconditional passes one after the other (half the activations)")
     p.add_argument("--vae-tiling", action="store_true", help="decode the VAE in tiles to save memory")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=run)
@@ -81,7 +83,7 @@ def run(args) -> int:
         pipe, out, fps=args.fps, prompt=args.prompt, negative_prompt=args.negative_prompt, image=args.image,
         height=args.height, width=args.width, num_frames=args.frames, num_inference_steps=args.steps,
         guidance_scale=args.guidance_scale, guider=args.guider, shift=args.shift, solver=args.solver,
-        encoder_reuse=args.encoder_reuse,
+        encoder_reuse=args.encoder_reuse, batch_guidance=False if args.sequential_guidance else None,
         generator=generator, progress=not args.quiet,
     )
     total = time.perf_counter() - started

@@ -41,6 +41,7 @@ class NanoPlan:
     stage_steps: tuple[int, int, int] = (600, 1200, 1800)
     eval_prompts: int = 105
     eval_steps: int = 20
+    train_overrides: tuple[str, ...] = ()  # extra `key=value` overrides for every stage config
     generation: dict = field(default_factory=lambda: {
         "height": 64, "width": 64, "num_frames": 17, "num_inference_steps": 20, "guidance_scale": 4.0,
         "guider": "cfg", "shift": 2.0, "image_shift": 2.0, "solver": "euler", "fps": 8, "negative_prompt": "",
@@ -84,7 +85,7 @@ def write_model_skeleton(model_dir: Path, generation: dict) -> None:
     (model_dir / "motif_video.json").write_text(json.dumps({"generation": generation}, indent=2) + "\n")
 
 
-def stage_config(stage: int, out_dir: Path, steps: int, teacher: Path, progress: bool):
+def stage_config(stage: int, out_dir: Path, steps: int, teacher: Path, progress: bool, extra=()):
     from ..train.config import load_config
 
     runs = out_dir / "runs"
@@ -96,7 +97,7 @@ def stage_config(stage: int, out_dir: Path, steps: int, teacher: Path, progress:
         overrides.append(f"stage.init_from={runs / f'stage{stage - 1}'}")
     if stage < 3:
         overrides.append(f"alignment.teacher={teacher}")
-    return load_config(CONFIG_DIR / f"stage{stage}.yaml", overrides)
+    return load_config(CONFIG_DIR / f"stage{stage}.yaml", [*overrides, *extra])
 
 
 def export_transformer(run_dir: Path, model_dir: Path) -> None:
@@ -172,7 +173,7 @@ def run_recipe(out_dir: str | Path, plan: NanoPlan | None = None, progress: bool
     log["stages"] = {}
     for stage, steps in enumerate(plan.stage_steps, start=1):
         with _step(seconds, f"stage{stage}"):
-            result = train(stage_config(stage, out_dir, steps, teacher_dir, progress))
+            result = train(stage_config(stage, out_dir, steps, teacher_dir, progress, plan.train_overrides))
         first, last = min(result.losses), max(result.losses)
         log["stages"][stage] = {"steps": steps, "first_loss": result.losses[first], "last_loss": result.losses[last]}
     export_transformer(out_dir / "runs" / "stage3", model_dir)

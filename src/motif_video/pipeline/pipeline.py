@@ -55,6 +55,7 @@ class GenerationDefaults:
     apg_momentum: float = 0.1
     apg_eta: float = 0.0
     encoder_reuse: int = 1  # run the encoder every k-th step and reuse its output between (1: every step, exact)
+    batch_guidance: bool = True  # cond + uncond in one forward (faster); False halves activation memory
 
     @classmethod
     def from_folder(cls, folder: Path) -> "GenerationDefaults":
@@ -263,6 +264,7 @@ class MotifVideoPipeline:
         shift: float | None = None,
         solver: str | None = None,
         encoder_reuse: int | None = None,
+        batch_guidance: bool | None = None,
         progress: bool = True,
     ):
         """Generate videos. Returns frames: "np" float (B, T, H, W, 3) in [0, 1], "pt" (B, T, 3, H, W), "pil" lists.
@@ -294,16 +296,14 @@ class MotifVideoPipeline:
         first_frame = self._image_tensor(image, height, width) if image is not None else None
         self._activate(self.prompts.text_encoder)
         image_tokens = self._image_tokens(first_frame) if first_frame is not None else None
-        cond = self.prompts.encode(prompts)
-        if use_guidance:  # cond and uncond run as one batch through the transformer
-            text, text_mask = pad_and_stack([cond, self.prompts.encode(negatives)])
-        else:
-            text, text_mask = cond
+        batched = use_guidance and (d.batch_guidance if batch_guidance is None else batch_guidance)
         dtype = next(self.transformer.parameters()).dtype
-        text = text.to(device, dtype)
-        text_mask = text_mask.to(device) if text_mask is not None else None
+        conditions = [self.prompts.encode(prompts)] + ([self.prompts.encode(negatives)] if use_guidance else [])
+        if batched:  # cond and uncond run as one batch through the transformer
+            conditions = [pad_and_stack(conditions)]
+        conditions = [(s.to(device, dtype), m.to(device) if m is not None else None) for s, m in conditions]
         if image_tokens is not None:
-            image_tokens = image_tokens.to(device, dtype).expand(text.shape[0], -1, -1)
+            image_tokens = image_tokens.to(device, dtype)
 
         # 2. Initial noise, condition latent and mask
         latent_frames, latent_h, latent_w = self.codec.latent_shape(num_frames, height, width)
@@ -329,15 +329,19 @@ class MotifVideoPipeline:
         reuse = d.encoder_reuse if encoder_reuse is None else encoder_reuse
         if reuse < 1:
             raise MotifVideoError(f"encoder_reuse must be >= 1, got {reuse}")
-        cache = EncoderCache() if reuse > 1 else None
+        caches = [EncoderCache() if reuse > 1 else None for _ in conditions]
         self._activate(self.transformer)
-        copies = 2 if use_guidance else 1
         for i, t in enumerate(tqdm(scheduler.timesteps, desc="denoising", disable=not progress, leave=False)):
-            if cache is not None:
-                cache.refresh = i % reuse == 0
-            model_input = torch.cat([latents, conditioning], dim=1).repeat(copies, 1, 1, 1, 1).to(dtype)
-            velocity = self.transformer(model_input, t.expand(model_input.shape[0]).to(device), text, text_mask,
-                                        image_tokens, encoder_cache=cache).float()
+            velocities = []
+            for (text, text_mask), cache in zip(conditions, caches):
+                if cache is not None:
+                    cache.refresh = i % reuse == 0
+                copies = text.shape[0] // batch
+                model_input = torch.cat([latents, conditioning], dim=1).repeat(copies, 1, 1, 1, 1).to(dtype)
+                images = image_tokens.expand(text.shape[0], -1, -1) if image_tokens is not None else None
+                velocities.append(self.transformer(model_input, t.expand(model_input.shape[0]).to(device), text,
+                                                   text_mask, images, encoder_cache=cache).float())
+            velocity = torch.cat(velocities)
             if guidance is not None:
                 velocity = guidance(*velocity.chunk(2))
             latents = scheduler.step(velocity, t, latents, return_dict=False)[0]
