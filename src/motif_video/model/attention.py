@@ -94,26 +94,17 @@ class Attention(nn.Module):
         return x_out, context_out
 
 
-class CrossAttention(nn.Module):
+class CrossAttention(Attention):
     """Shared Cross-Attention, diffusers layout: its own copies of every projection, no query LayerNorm."""
 
     def __init__(self, hidden_size: int, heads: int, head_dim: int):
-        super().__init__()
-        self.heads = heads
-        inner = heads * head_dim
-        self.to_q = nn.Linear(hidden_size, inner)
-        self.to_k = nn.Linear(hidden_size, inner)
-        self.to_v = nn.Linear(hidden_size, inner)
-        self.norm_q = nn.RMSNorm(head_dim, eps=1e-6)
-        self.norm_k = nn.RMSNorm(head_dim, eps=1e-6)
-        self.to_out = nn.ModuleList([nn.Linear(inner, hidden_size)])
+        super().__init__(hidden_size, heads, head_dim, context_projections=False, output_projection=True)
 
     def forward(self, query_source: torch.Tensor, text: torch.Tensor, text_mask: torch.Tensor | None,
                 rope: Rope | None, self_attention: Attention) -> torch.Tensor:
         q = self.norm_q(split_heads(self.to_q(query_source), self.heads))
         q = rope_prefix(q, rope, q.shape[2])
-        k = self.norm_k(split_heads(self.to_k(text), self.heads))
-        v = split_heads(self.to_v(text), self.heads)
+        k, v = self.keys_values(text)
         return self.to_out[0](attend(q, k, v, text_mask))
 
 
