@@ -27,6 +27,8 @@ def register(subparsers) -> None:
                    help="transformer steps of the three curriculum stages")
     p.add_argument("--eval-prompts", type=int, default=105, help="held-out prompts to evaluate (0: skip)")
     p.add_argument("--eval-steps", type=int, default=20, help="sampling steps during evaluation")
+    p.add_argument("--codec-from", default=None, help="reuse a trained codec folder instead of training one")
+    p.add_argument("--teacher-from", default=None, help="reuse a trained teacher folder instead of training one")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=run)
 
@@ -42,7 +44,8 @@ def run(args) -> int:
         raise ConfigError("clip/image counts and step counts must be >= 1")
     plan = NanoPlan(seed=args.seed, clips=args.clips, images=args.images, codec_steps=args.codec_steps,
                     codec_budget_s=args.codec_budget, teacher_steps=args.teacher_steps,
-                    stage_steps=tuple(args.stage_steps), eval_prompts=args.eval_prompts, eval_steps=args.eval_steps)
+                    stage_steps=tuple(args.stage_steps), eval_prompts=args.eval_prompts, eval_steps=args.eval_steps,
+                    codec_from=args.codec_from, teacher_from=args.teacher_from)
     log = run_recipe(args.out_dir, plan, progress=not args.quiet)
     summary = log.get("eval", {}).get("aggregate", {})
     print(f"nano model in {args.out_dir}/model ({log['model_bytes'] / 2**20:.1f} MiB), trained in "

@@ -42,6 +42,8 @@ class NanoPlan:
     eval_prompts: int = 105
     eval_steps: int = 20
     train_overrides: tuple[str, ...] = ()  # extra `key=value` overrides for every stage config
+    codec_from: str | None = None  # a trained codec folder to reuse instead of training one
+    teacher_from: str | None = None  # a trained teacher folder to reuse instead of training one
     generation: dict = field(default_factory=lambda: {
         "height": 64, "width": 64, "num_frames": 17, "num_inference_steps": 20, "guidance_scale": 4.0,
         "guider": "cfg", "shift": 2.0, "image_shift": 2.0, "solver": "euler", "fps": 8, "negative_prompt": "",
@@ -159,12 +161,21 @@ def run_recipe(out_dir: str | Path, plan: NanoPlan | None = None, progress: bool
         write_dataset(data_dir, clips=plan.clips, images=plan.images, frames=17, size=64, seed=plan.seed,
                       eval_prompts=plan.eval_prompts, overwrite=True)
     with _step(seconds, "codec"):
-        log["codec"] = train_codec(data_dir, model_dir / "vae", steps=plan.codec_steps, seed=plan.seed,
-                                   progress=progress, time_budget_s=plan.codec_budget_s)
+        if plan.codec_from:
+            shutil.rmtree(model_dir / "vae", ignore_errors=True)
+            shutil.copytree(plan.codec_from, model_dir / "vae")
+            log["codec"] = {"reused": str(plan.codec_from)}
+        else:
+            log["codec"] = train_codec(data_dir, model_dir / "vae", steps=plan.codec_steps, seed=plan.seed,
+                                       progress=progress, time_budget_s=plan.codec_budget_s)
     write_model_skeleton(model_dir, plan.generation)
     with _step(seconds, "teacher"):
-        log["teacher"] = train_teacher(data_dir, teacher_dir, steps=plan.teacher_steps, seed=plan.seed,
-                                       progress=progress)
+        if plan.teacher_from:
+            teacher_dir = Path(plan.teacher_from)
+            log["teacher"] = {"reused": str(teacher_dir)}
+        else:
+            log["teacher"] = train_teacher(data_dir, teacher_dir, steps=plan.teacher_steps, seed=plan.seed,
+                                           progress=progress)
     with _step(seconds, "cache"):
         for name, buckets in (("cache-short", SHORT_BUCKETS), ("cache-long", LONG_BUCKETS)):
             shutil.rmtree(out_dir / name, ignore_errors=True)
