@@ -7,12 +7,12 @@ template rather than sharing a table with the generator.
 
 from __future__ import annotations
 
-import json
 import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from ..errors import MotifVideoError
+from ..records import JSONL_SUFFIXES, read_jsonl
 
 
 @dataclass(frozen=True)
@@ -96,15 +96,9 @@ def load_prompt_file(path) -> list[dict]:
     if not path.is_file():
         raise MotifVideoError(f"prompt file not found: {path}")
     out = []
-    if path.suffix.lower() in (".jsonl", ".ndjson"):
-        for i, line in enumerate(path.read_text().splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise MotifVideoError(f"{path}:{i}: not valid JSON ({e.msg})") from None
-            prompt = (row.get("prompt") or row.get("caption")) if isinstance(row, dict) else None
+    if path.suffix.lower() in JSONL_SUFFIXES:
+        for i, row in read_jsonl(path):
+            prompt = row.get("prompt") or row.get("caption")
             if not prompt:
                 raise MotifVideoError(f"{path}:{i}: row has no 'prompt' or 'caption'")
             out.append({**row, "prompt": str(prompt)})

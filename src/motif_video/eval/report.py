@@ -12,6 +12,7 @@ from typing import Callable
 import numpy as np
 
 from ..errors import MotifVideoError
+from ..records import JSONL_SUFFIXES, read_jsonl
 from ..pipeline.video_io import FOLDER_META, IMAGE_EXTENSIONS, VIDEO_EXTENSIONS, read_video
 from .metrics import measure_clip, score_clip
 from .prompts import parse_prompt
@@ -50,17 +51,11 @@ def load_items(source) -> list[dict]:
         if not items:
             raise MotifVideoError(f"{source} holds no clips with a same-name .txt prompt")
         return items
-    if source.suffix.lower() not in (".jsonl", ".ndjson"):
+    if source.suffix.lower() not in JSONL_SUFFIXES:
         raise MotifVideoError(f"{source} must be a folder of clips + .txt prompts or a .jsonl file")
     items = []
-    for i, line in enumerate(source.read_text().splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise MotifVideoError(f"{source}:{i}: not valid JSON ({e.msg})") from None
-        if not isinstance(row, dict) or not row.get("path"):
+    for i, row in read_jsonl(source):
+        if not row.get("path"):
             raise MotifVideoError(f"{source}:{i}: row has no 'path'")
         prompt = row.get("prompt") or row.get("caption")
         if not prompt:

@@ -12,7 +12,6 @@ and counted (`ClipDataset.num_skipped`), both when the dataset is built and when
 from __future__ import annotations
 
 import csv
-import json
 import logging
 import math
 from dataclasses import dataclass, replace
@@ -26,6 +25,7 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from ..errors import ConfigError, MotifVideoError
+from ..records import JSONL_SUFFIXES, read_jsonl
 from ..pipeline.video_io import VIDEO_EXTENSIONS, probe_video, read_video
 from .buckets import Bucket, BucketSet, source_span, temporal_stride
 
@@ -112,18 +112,8 @@ def read_metadata(path) -> list[Clip]:
             if missing:
                 raise MotifVideoError(f"{path}: CSV header lacks column(s) {', '.join(missing)}")
             rows = [(i + 2, row) for i, row in enumerate(reader)]  # line 1 is the header
-    elif suffix in (".jsonl", ".ndjson"):
-        rows = []
-        for i, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise MotifVideoError(f"{path}:{i}: not valid JSON ({e.msg})") from None
-            if not isinstance(row, dict):
-                raise MotifVideoError(f"{path}:{i}: each line must be a JSON object")
-            rows.append((i, row))
+    elif suffix in JSONL_SUFFIXES:
+        rows = read_jsonl(path)
     else:
         raise MotifVideoError(f"metadata file {path} must end in .csv or .jsonl")
     clips = [_clip_from_row(path, line, row) for line, row in rows]
