@@ -11,6 +11,7 @@ from motif_video.nano.codec import (
     build_codec,
     load_items,
     object_mask,
+    per_frame_init_,
     reconstruction_metrics,
     to_pixels,
     train_codec,
@@ -99,6 +100,24 @@ def test_build_codec_is_seeded_and_leaves_global_rng_alone():
     a, b = build_codec(0), build_codec(0)
     assert torch.equal(torch.rand(1), before)
     assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters()))
+
+
+def test_per_frame_init_makes_a_clip_codec_of_the_still_codec():
+    """Inflated, the clip latent is the latents of frames 0, 4, 8 encoded alone, and each decoded latent frame
+    repeats the still that latent decodes to."""
+    vae = build_codec(0).eval()
+    per_frame_init_(vae)
+    x = to_pixels([make_clip(i, 0, frames=FRAMES, size=SIZE).frames for i in range(2)])
+    with torch.no_grad():
+        z = vae.encode(x).latent_dist.mode()
+        stills = torch.cat([vae.encode(x[:, :, f:f + 1]).latent_dist.mode() for f in (0, 4, 8)], dim=2)
+        torch.testing.assert_close(z, stills, atol=1e-5, rtol=1e-5)
+        video = vae.decode(z).sample
+        for k in range(3):
+            still = vae.decode(stills[:, :, k:k + 1]).sample  # (B, 3, 1, H, W)
+            frames = range(1) if k == 0 else range(4 * k - 3, 4 * k + 1)
+            for f in frames:
+                torch.testing.assert_close(video[:, :, f:f + 1], still, atol=1e-5, rtol=1e-5)
 
 
 def test_reconstruction_metrics_match_numpy(trained):

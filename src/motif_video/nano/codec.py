@@ -164,6 +164,33 @@ def build_codec(seed: int = 0, **overrides):
         return AutoencoderKLWan(**config)
 
 
+@torch.no_grad()
+def per_frame_init_(vae) -> None:
+    """Make a fresh codec start out as a per-frame (image) codec, the 2D -> 3D inflation of video VAEs.
+
+    Every causal 3D convolution keeps only its current-frame slice (earlier frames weigh zero); each temporal
+    downsampling keeps the newest frame of its window and each temporal upsampling repeats its frame. Stills never
+    reach those earlier slices or the temporal resamplers (zero padding, and frame 0 skips them), so an image phase
+    cannot train them; starting them here means that when clips arrive the codec already reconstructs every frame
+    as well as a still, and only has to learn motion within a latent frame (measured in docs/nano_components.md).
+    """
+    from diffusers.models.autoencoders.autoencoder_kl_wan import WanCausalConv3d, WanResample
+
+    resamplers = set()
+    for module in vae.modules():
+        if isinstance(module, WanResample) and hasattr(module, "time_conv"):
+            conv = module.time_conv  # (copies * dim, dim, 3, 1, 1): copies = 2 for upsampling, 1 for downsampling
+            conv.weight.zero_()
+            conv.bias.zero_()
+            eye = torch.eye(module.dim)
+            for k in range(conv.out_channels // module.dim):
+                conv.weight[k * module.dim:(k + 1) * module.dim, :, -1, 0, 0] = eye
+            resamplers.add(conv)
+    for module in vae.modules():
+        if isinstance(module, WanCausalConv3d) and module not in resamplers and module.kernel_size[0] > 1:
+            module.weight[:, :, :-1].zero_()
+
+
 def _check_frames(items: list[NanoItem], window: int) -> None:
     height, width = items[0].load().shape[1:3]
     if height % 8 or width % 8:
@@ -177,6 +204,25 @@ def object_mask(pixels: torch.Tensor, threshold: float = 0.1) -> torch.Tensor:
     """(B, 1, T, H, W) 1.0 where a pixel differs from its frame's median colour (the background, in the nano data)."""
     background = pixels.flatten(3).median(dim=3).values[..., None, None]  # (B, 3, T, 1, 1)
     return ((pixels - background).abs().amax(1, keepdim=True) > threshold).float()
+
+
+def decode_unclamped(vae, z: torch.Tensor) -> torch.Tensor:
+    """`vae.decode(z)` before its final clamp to [-1, 1], for training.
+
+    The clamp has no gradient outside [-1, 1], so a channel that starts out below -1 over the object (the red of a
+    magenta square, say) would never be pulled up; measured, training on the clamped output is slower. The decoder
+    runs once per latent frame, so the hook collects the chunks and they are joined along time.
+    """
+    chunks = []
+    handle = vae.decoder.register_forward_hook(lambda module, args, out: chunks.append(out))
+    try:
+        clamped = vae.decode(z).sample
+    finally:
+        handle.remove()
+    raw = torch.cat(chunks, dim=2)  # (B, 3, T, H, W)
+    if raw.shape != clamped.shape:
+        raise MotifVideoError(f"decoder chunks {tuple(raw.shape)} do not make the decoded clip {tuple(clamped.shape)}")
+    return raw
 
 
 def reconstruction_loss(vae, pixels: torch.Tensor, kl_weight: float = 1e-6, object_weight: float = 0.0,
@@ -193,7 +239,7 @@ def reconstruction_loss(vae, pixels: torch.Tensor, kl_weight: float = 1e-6, obje
     """
     posterior = vae.encode(pixels).latent_dist
     z = posterior.sample(generator=generator) if sample else posterior.mode()
-    recon = vae.decode(z).sample
+    recon = decode_unclamped(vae, z)
     err = (recon - pixels).abs() + (recon - pixels).square()
     if object_weight:
         err = err * (1 + object_weight * object_mask(pixels))
@@ -252,15 +298,17 @@ def reconstruction_metrics(vae, items: list[NanoItem], batch_size: int = 4) -> d
 def train_codec(
     data_dir_or_samples,
     out_dir,
-    steps: int = 1500,
-    batch_size: int = 4,
+    steps: int = 3000,
+    batch_size: int = 2,
     seed: int = 0,
-    lr: float = 2e-3,
+    lr: float = 1e-3,
     progress: bool = True,
     time_budget_s: float | None = None,
     *,
     window: int = 9,
     image_batch_size: int | None = None,
+    image_phase: float = 0.6,
+    still_batch_size: int = 4,
     kl_weight: float = 1e-6,
     object_weight: float = 9.0,
     weight_decay: float = 0.0,
@@ -271,12 +319,17 @@ def train_codec(
     log_every: int = 50,
 ) -> dict:
     """Train the nano codec and save it with `save_pretrained(out_dir)`; returns a summary (losses, timings,
-    held-out reconstruction metrics when `heldout_clips` > 0).
+    held-out reconstruction metrics when `heldout_clips` > 0, their curve every `eval_every` steps).
 
-    Each step trains `batch_size` random `window`-frame clip windows and `image_batch_size` (default: batch_size)
-    1-frame images. The learning rate warms up and decays on a cosine over `steps` or `time_budget_s`, whichever
-    runs out first, so a time-capped run still ends at a low rate. Given the seed (and the same thread count) the
-    weights are deterministic unless the time budget cuts training short.
+    Two phases over one schedule. For the first `image_phase` of it, each step trains `still_batch_size` stills
+    (images and single frames of clips): spatial coding is most of the work and a still is the cheapest thing to
+    learn it from. After that, each step trains `batch_size` random `window`-frame clip windows plus
+    `image_batch_size` (default: batch_size) images, so the first-frame path keeps seeing images. The codec starts
+    as a per-frame codec (`per_frame_init_`), so the clip phase only has to learn motion.
+
+    The schedule (phase switch, warm-up, cosine decay of the learning rate) runs over `steps` or `time_budget_s`,
+    whichever runs out first, so a time-capped run still ends at a low rate; evaluation time does not count.
+    Given the seed (and the same thread count) the weights are deterministic unless the time budget cuts in.
     """
     if steps < 1 or batch_size < 1:
         raise MotifVideoError(f"steps and batch_size must be >= 1, got {steps} and {batch_size}")
@@ -294,8 +347,10 @@ def train_codec(
 
     rng = np.random.default_rng(seed)
     clip_cycle, image_cycle = _Cycler(clips, rng), _Cycler(images, rng)
+    still_cycle = _Cycler(range(len(train_items)), rng)
     gen = torch.Generator().manual_seed(seed)
     vae = build_codec(seed).train()
+    per_frame_init_(vae)
     params = [p for p in vae.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.99), weight_decay=weight_decay)
 
@@ -314,15 +369,19 @@ def train_codec(
         loss_value = 0.0
         opt.zero_grad(set_to_none=True)
         batches = []
-        if clips:
+        if frac < image_phase or not clips:
+            # Stills: images and single frames of clips, each encoded alone like the first frame of a clip.
+            stills = [train_items[i].load() for i in still_cycle.take(still_batch_size)]
+            batches.append(to_pixels([f[int(rng.integers(f.shape[0]))][None] for f in stills]))  # (B, 3, 1, H, W)
+        else:
             windows = []
             for i in clip_cycle.take(batch_size):
                 frames = train_items[i].load()
                 t0 = int(rng.integers(frames.shape[0] - window + 1))
                 windows.append(frames[t0:t0 + window])
             batches.append(to_pixels(windows))  # (B, 3, window, H, W)
-        if images and image_batch_size:
-            batches.append(to_pixels([train_items[i].load() for i in image_cycle.take(image_batch_size)]))
+            if images and image_batch_size:
+                batches.append(to_pixels([train_items[i].load() for i in image_cycle.take(image_batch_size)]))
         for pixels in batches:
             loss, _ = reconstruction_loss(vae, pixels, kl_weight, object_weight, gen)
             (loss / len(batches)).backward()
