@@ -138,7 +138,7 @@ def attribute_accuracy(model, heads, items, batch_size: int = 16) -> dict[str, f
 def train_teacher(
     data_dir_or_samples,
     out_dir,
-    steps: int = 400,
+    steps: int = 600,
     batch_size: int = 8,
     seed: int = 0,
     lr: float = 3e-3,
