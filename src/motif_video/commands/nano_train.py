@@ -20,7 +20,7 @@ def register(subparsers) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--clips", type=int, default=2000, help="training clips to generate")
     p.add_argument("--images", type=int, default=1000, help="training images to generate")
-    p.add_argument("--codec-steps", type=int, default=1500)
+    p.add_argument("--codec-steps", type=int, default=3000)
     p.add_argument("--codec-budget", type=float, default=600.0, help="codec training time limit in seconds")
     p.add_argument("--teacher-steps", type=int, default=600)
     p.add_argument("--stage-steps", type=int, nargs=3, default=[600, 1200, 1800], metavar=("S1", "S2", "S3"),

@@ -35,7 +35,7 @@ class NanoPlan:
     seed: int = 0
     clips: int = 2000
     images: int = 1000
-    codec_steps: int = 1500
+    codec_steps: int = 3000  # the budget ends it; the still-image phase is the first 60% of the schedule
     codec_budget_s: float | None = 600.0
     teacher_steps: int = 600
     stage_steps: tuple[int, int, int] = (600, 1200, 1800)
