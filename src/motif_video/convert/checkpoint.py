@@ -149,7 +149,7 @@ def _atomic_write(path: Path, write) -> None:
     os.replace(tmp, path)
 
 
-def load_any_config(config, cls_config=None):
+def load_any_config(config):
     """A TransformerConfig from a folder, hub id, dict, preset name or TransformerConfig."""
     from ..model.config import PRESETS, TransformerConfig, preset
 
