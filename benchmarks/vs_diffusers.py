@@ -47,12 +47,16 @@ def main() -> None:
     parser.add_argument("--guidance-scale", type=float, default=5.0)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--prompt", default="a small red circle moving to the left")
+    parser.add_argument("--attention", choices=["sdpa", "flash", "sage"], default="sdpa",
+                        help="our attention kernel (CUDA only; diffusers keeps its default)")
+    parser.add_argument("--compile", action="store_true", help="torch.compile our transformer blocks")
     parser.add_argument("--json", default="benchmarks/results/vs_diffusers.json")
     args = parser.parse_args()
 
     from diffusers import MotifVideoPipeline as DiffusersPipeline
 
     from motif_video import MotifVideoPipeline
+    from motif_video.model.attention import set_attention_backend
     from motif_video.testing import save_tiny_pipeline
 
     device = torch.device(args.device)
@@ -64,6 +68,9 @@ def main() -> None:
         reference = DiffusersPipeline.from_pretrained(str(folder), torch_dtype=dtype).to(device)
         reference.set_progress_bar_config(disable=True)
         ours = MotifVideoPipeline.from_pretrained(folder, device=str(device), dtype=dtype)
+    set_attention_backend(args.attention)
+    if args.compile:
+        ours.compile_transformer()
 
     latent_shape = (1, 16, (args.frames - 1) // 4 + 1, args.height // 8, args.width // 8)
     latents = torch.randn(latent_shape, generator=torch.Generator().manual_seed(0))

@@ -110,6 +110,7 @@ def test_cli_writes_a_playable_mp4(model_dir, tmp_path, extra, capsys):
     (["--model", "NOTMODEL"], "not a Motif-Video model folder"),
     (["--model", "CORRUPT"], "corrupt"),
     (["--model", "nobody-here/no-model"], "unreachable"),
+    (["--attention", "sage"], "needs the sageattention package"),
 ])
 def test_cli_bad_input_is_one_line_and_leaves_no_file(model_dir, tmp_path, capsys, args, message):
     import shutil

@@ -44,6 +44,11 @@ def register(subparsers) -> None:
     p.add_argument("--sequential-guidance", action="store_true",
                    help="run the conditional and unconditional passes one after the other (half the activations)")
     p.add_argument("--vae-tiling", action="store_true", help="decode the VAE in tiles to save memory")
+    p.add_argument("--attention", choices=["sdpa", "flash", "sage"], default="sdpa",
+                   help="attention kernel on CUDA: PyTorch SDPA, flash-attn (exact) or SageAttention (int8, "
+                        "approximate); needs the package installed")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile the transformer blocks (CUDA; the first step pays the compile time)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=run)
 
@@ -52,6 +57,7 @@ def run(args) -> int:
     import torch
 
     from ..errors import MotifVideoError
+    from ..model.attention import set_attention_backend
     from ..pipeline.pipeline import MotifVideoPipeline, check_video_size, generate_to_file
     from ..pipeline.text import check_prompt
 
@@ -72,12 +78,19 @@ def run(args) -> int:
             raise MotifVideoError("no default model is shipped in this installation; pass --model FOLDER")
         model = DEFAULT_MODEL_DIR
 
+    try:
+        set_attention_backend(args.attention)
+    except ValueError as error:
+        raise MotifVideoError(str(error)) from None
+
     started = time.perf_counter()
     dtype = getattr(torch, DTYPES[args.dtype]) if args.dtype else None
     pipe = MotifVideoPipeline.from_pretrained(model, gguf=args.gguf, device=args.device, dtype=dtype,
                                               offload=args.offload)
     if args.vae_tiling:
         pipe.enable_vae_tiling()
+    if args.compile:
+        pipe.compile_transformer()
     generator = torch.Generator().manual_seed(args.seed)
     facts = generate_to_file(
         pipe, out, fps=args.fps, prompt=args.prompt, negative_prompt=args.negative_prompt, image=args.image,

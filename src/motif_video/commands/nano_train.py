@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 
 
 def register(subparsers) -> None:
@@ -23,7 +22,7 @@ def register(subparsers) -> None:
     p.add_argument("--codec-steps", type=int, default=3000)
     p.add_argument("--codec-budget", type=float, default=600.0, help="codec training time limit in seconds")
     p.add_argument("--teacher-steps", type=int, default=600)
-    p.add_argument("--stage-steps", type=int, nargs=3, default=[600, 1200, 1800], metavar=("S1", "S2", "S3"),
+    p.add_argument("--stage-steps", type=int, nargs=3, default=[600, 1200, 3600], metavar=("S1", "S2", "S3"),
                    help="transformer steps of the three curriculum stages")
     p.add_argument("--eval-prompts", type=int, default=105, help="held-out prompts to evaluate (0: skip)")
     p.add_argument("--eval-steps", type=int, default=20, help="sampling steps during evaluation")
@@ -47,7 +46,10 @@ def run(args) -> int:
                     stage_steps=tuple(args.stage_steps), eval_prompts=args.eval_prompts, eval_steps=args.eval_steps,
                     codec_from=args.codec_from, teacher_from=args.teacher_from)
     log = run_recipe(args.out_dir, plan, progress=not args.quiet)
-    summary = log.get("eval", {}).get("aggregate", {})
+    summary = log.get("eval", {}).get("summary", {})
+    scores = ", ".join(f"{key} {summary[key]:.3f}" for key in ("all_correct", "color_accuracy", "shape_accuracy",
+                                                                "direction_accuracy", "subject_consistency")
+                       if isinstance(summary.get(key), float))
     print(f"nano model in {args.out_dir}/model ({log['model_bytes'] / 2**20:.1f} MiB), trained in "
-          f"{log['seconds']['total_training'] / 60:.1f} min; eval: {json.dumps(summary)[:300]}")
+          f"{log['seconds']['total_training'] / 60:.1f} min; held-out eval: {scores or 'skipped'}")
     return 0

@@ -23,8 +23,52 @@ def merge_heads(x: torch.Tensor) -> torch.Tensor:
     return x.transpose(1, 2).flatten(2)  # (B, heads, N, head_dim) -> (B, N, D)
 
 
+def _flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    try:  # FlashAttention 3 (Hopper) first, then FlashAttention 2
+        from flash_attn_interface import flash_attn_func
+    except ImportError:
+        from flash_attn import flash_attn_func
+    out = flash_attn_func(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))  # takes (B, N, heads, head_dim)
+    out = out[0] if isinstance(out, tuple) else out  # FA3 also returns the log-sum-exp
+    return out.transpose(1, 2)
+
+
+def _sage_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    from sageattention import sageattn
+
+    return sageattn(q, k, v, tensor_layout="HND", is_causal=False)
+
+
+# Fused kernels used for unmasked attention on CUDA in fp16/bf16; everything else goes through PyTorch's SDPA.
+# flash-attn is exact up to kernel rounding; SageAttention quantises Q and K to int8 (approximate).
+ATTENTION_BACKENDS = {"sdpa": None, "flash": _flash_attention, "sage": _sage_attention}
+BACKEND_PACKAGES = {"flash": ("flash_attn_interface", "flash_attn"), "sage": ("sageattention",)}
+_active_backend = "sdpa"
+
+
+def set_attention_backend(name: str) -> None:
+    """Select the attention kernel for every model in this process ("sdpa", "flash" or "sage")."""
+    global _active_backend
+    if name not in ATTENTION_BACKENDS:
+        raise ValueError(f"unknown attention backend {name!r}; choose from {', '.join(ATTENTION_BACKENDS)}")
+    if name != "sdpa":
+        import importlib.util
+
+        if not any(importlib.util.find_spec(m) for m in BACKEND_PACKAGES[name]):
+            package = {"flash": "flash-attn", "sage": "sageattention"}[name]
+            raise ValueError(f"attention backend {name!r} needs the {package} package (pip install {package})")
+    _active_backend = name
+
+
+def get_attention_backend() -> str:
+    return _active_backend
+
+
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_mask: torch.Tensor | None) -> torch.Tensor:
-    """SDPA with an optional boolean key mask (B, 1, 1, N_k), True = attend. Returns (B, N_q, D)."""
+    """Attention with an optional boolean key mask (B, 1, 1, N_k), True = attend. Returns (B, N_q, D)."""
+    kernel = ATTENTION_BACKENDS[_active_backend]
+    if kernel is not None and key_mask is None and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16):
+        return merge_heads(kernel(q, k, v))
     return merge_heads(F.scaled_dot_product_attention(q, k, v, attn_mask=key_mask))
 
 

@@ -40,8 +40,9 @@ SIZES = ("small", "large")
 BACKGROUND = (18, 18, 22)
 
 # Half the side of the object's bounding box, as a fraction of the frame side. The gap between the two ranges
-# keeps "small" and "large" apart even after the per-clip jitter.
-HALF_EXTENT = {"small": (0.10, 0.13), "large": (0.19, 0.23)}
+# keeps "small" and "large" apart even after the per-clip jitter. "Small" is still 2-3 latent pixels wide at 64x64:
+# below that the 8x codec rounds the corners off squares and triangles, and no model could show the shape.
+HALF_EXTENT = {"small": (0.13, 0.16), "large": (0.22, 0.26)}
 # Total travel over a moving clip, as a fraction of the frame side (capped by the room the object has).
 TRAVEL = (0.30, 0.50)
 MARGIN_PX = 2.0  # clear of the border (anti-aliasing reaches ~1 px past an acute vertex), so never cut off

@@ -38,7 +38,7 @@ class NanoPlan:
     codec_steps: int = 3000  # the budget ends it; the still-image phase is the first 60% of the schedule
     codec_budget_s: float | None = 600.0
     teacher_steps: int = 600
-    stage_steps: tuple[int, int, int] = (600, 1200, 1800)
+    stage_steps: tuple[int, int, int] = (600, 1200, 3600)
     eval_prompts: int = 105
     eval_steps: int = 20
     train_overrides: tuple[str, ...] = ()  # extra `key=value` overrides for every stage config
@@ -46,7 +46,7 @@ class NanoPlan:
     teacher_from: str | None = None  # a trained teacher folder to reuse instead of training one
     generation: dict = field(default_factory=lambda: {
         "height": 64, "width": 64, "num_frames": 17, "num_inference_steps": 20, "guidance_scale": 4.0,
-        "guider": "cfg", "shift": 2.0, "image_shift": 2.0, "solver": "euler", "fps": 8, "negative_prompt": "",
+        "guider": "cfg", "shift": 3.0, "image_shift": 3.0, "solver": "euler", "fps": 8, "negative_prompt": "",
         "max_sequence_length": 64,
     })
 

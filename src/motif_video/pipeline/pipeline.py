@@ -192,6 +192,12 @@ class MotifVideoPipeline:
     def enable_vae_tiling(self) -> None:
         self.codec.enable_tiling()
 
+    def compile_transformer(self, mode: str | None = None) -> None:
+        """torch.compile each transformer block in place (regional compilation: one graph per block kind, compiled
+        once and reused by every block, so warm-up stays short). Pays off on CUDA; on CPU it needs a C++ compiler."""
+        for block in self.transformer.blocks:
+            block.compile(mode=mode, dynamic=False)
+
     def _modules(self):
         return [self.transformer, self.codec.vae, self.prompts.text_encoder]
 
