@@ -126,11 +126,14 @@ def evaluate(model_dir: Path, prompts_file: Path, out_dir: Path, limit: int, ste
     clips = out_dir / "clips"
     clips.mkdir(parents=True, exist_ok=True)
     records = []
+    generating = 0.0
     for start in range(0, len(rows), batch):
         chunk = rows[start:start + batch]
         prompts = [r.get("prompt") or r.get("caption") for r in chunk]
         generator = torch.Generator().manual_seed(seed + start)
+        began = time.perf_counter()
         frames = pipe(prompts, num_inference_steps=steps, generator=generator, progress=False, **generate_kwargs)
+        generating += time.perf_counter() - began
         for k, (prompt, clip) in enumerate(zip(prompts, frames)):
             path = clips / f"eval_{start + k:04d}.mp4"
             write_video(clip, path, fps=pipe.defaults.fps)
@@ -138,7 +141,9 @@ def evaluate(model_dir: Path, prompts_file: Path, out_dir: Path, limit: int, ste
     metadata = clips / "metadata.jsonl"
     metadata.write_text("".join(json.dumps(r) + "\n" for r in records))
     cli_main(["eval", str(metadata), "--out", str(out_dir / "report")])
-    return json.loads((out_dir / "report" / "results.json").read_text())
+    results = json.loads((out_dir / "report" / "results.json").read_text())
+    results["generation_seconds"] = round(generating, 2)
+    return results
 
 
 def run_recipe(out_dir: str | Path, plan: NanoPlan | None = None, progress: bool = True) -> dict:
