@@ -13,7 +13,7 @@ held-out clips (EMA weights), logged against steps and wall-clock.
 
     python benchmarks/nano_ablation.py /path/to/nano-train-out --steps 300 --eval-prompts 42
 
-Writes results.json, results.md and loss plots under --out (default benchmarks/results/nano_ablation).
+Writes results.json, results.md and loss plots (PNG) under --out (default benchmarks/results/nano_ablation).
 """
 
 from __future__ import annotations
@@ -68,7 +68,8 @@ def train_variant(recipe: Path, work: Path, name: str, stage: int, steps: int, v
     shutil.rmtree(run_dir, ignore_errors=True)
     overrides = [*VARIANTS[name], f"output_dir={run_dir}", "stage.init_from=null", "checkpointing.every=100000",
                  "logging.tensorboard=null", "logging.every=10", "optim.warmup_steps=50",
-                 f"validation.cache_dir={val_cache}", f"validation.every={val_every}", "validation.num_samples=96"]
+                 "ema.decay=0.99",  # the recipe's 0.998 would still hold a third of the init after 500 steps
+                 f"validation.cache_dir={val_cache}", f"validation.every={val_every}", "validation.num_samples=48"]
     config = stage_config(stage, recipe, steps, Path(teacher_path(recipe)), progress=True, extra=overrides)
     config.output_dir = str(run_dir)
     started = time.perf_counter()
@@ -112,32 +113,51 @@ def seconds_to_loss(result: dict, target: float) -> float | None:
     return None
 
 
+def line_chart(series: dict[str, list[tuple[float, float]]], xlabel: str, ylabel: str, path: Path) -> None:
+    """A plain PNG line chart with PIL (no plotting dependency)."""
+    from PIL import Image, ImageDraw
+
+    width, height, left, bottom, top, right = 760, 420, 60, 40, 20, 210
+    xs = [x for pts in series.values() for x, _ in pts]
+    ys = [y for pts in series.values() for _, y in pts]
+    x0, x1, y0, y1 = 0.0, max(xs), min(ys) * 0.95, max(ys) * 1.02
+    im = Image.new("RGB", (width, height), "white")
+    d = ImageDraw.Draw(im)
+
+    def at(x, y):
+        return (left + (x - x0) / (x1 - x0) * (width - left - right),
+                height - bottom - (y - y0) / (y1 - y0) * (height - top - bottom))
+
+    d.rectangle([left, top, width - right, height - bottom], outline="black")
+    for k in range(5):
+        y = y0 + (y1 - y0) * k / 4
+        d.text((4, at(0, y)[1] - 6), f"{y:.3f}", fill="black")
+        x = x0 + (x1 - x0) * k / 4
+        d.text((at(x, y0)[0] - 10, height - bottom + 6), f"{x:.0f}", fill="black")
+    d.text((left, height - 14), xlabel, fill="black")
+    d.text((left, 4), ylabel, fill="black")
+    colours = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f"]
+    for k, (name, pts) in enumerate(series.items()):
+        colour = colours[k % len(colours)]
+        d.line([at(x, y) for x, y in pts], fill=colour, width=2)
+        d.text((width - right + 10, top + 16 * k), name, fill=colour)
+    im.save(path)
+
+
 def plot(results: list[dict], out: Path) -> None:
-    import matplotlib
+    def label(r):
+        return f"{r['variant']} ({'17f' if r['stage'] == 3 else '9f'})"
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    for r in results:
-        label = f"{r['variant']} ({'17f' if r['stage'] == 3 else '9f'})"
-        steps = [v["step"] for v in r["val"]]
-        axes[0].plot(steps, [v["loss_ema"] for v in r["val"]], marker="o", label=label)
-        axes[1].plot([s * r["seconds_per_step"] for s in steps], [v["loss_ema"] for v in r["val"]], marker="o",
-                     label=label)
-    axes[0].set_xlabel("training step")
-    axes[1].set_xlabel("training seconds (2 CPU cores)")
-    for ax in axes:
-        ax.set_ylabel("held-out flow loss (EMA weights)")
-        ax.grid(alpha=0.3)
-    axes[1].legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(out / "validation_loss.png", dpi=110)
+    by_step = {label(r): [(v["step"], v["loss"]) for v in r["val"]] for r in results}
+    by_time = {label(r): [(v["step"] * r["seconds_per_step"], v["loss"]) for v in r["val"]] for r in results}
+    line_chart(by_step, "training step", "held-out flow loss (live weights)", out / "validation_loss_steps.png")
+    line_chart(by_time, "training seconds (2 CPU cores)", "held-out flow loss (live weights)",
+               out / "validation_loss_seconds.png")
 
 
 def markdown(results: list[dict], tread_target: float | None) -> str:
-    lines = ["| variant | clips | params | s/step | final val loss (EMA) | all-correct | colour | shape | direction "
-             "| subject consistency |", "|---|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| variant | clips | params | s/step | val loss (live) | val loss (EMA) | all-correct | colour | shape "
+             "| direction | subject consistency |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in results:
         b = r.get("benchmark", {}).get("summary", {})
 
@@ -146,7 +166,8 @@ def markdown(results: list[dict], tread_target: float | None) -> str:
 
         consistency = f"{b['subject_consistency']:.3f}" if "subject_consistency" in b else "-"
         lines.append(f"| {r['variant']} | {'17f' if r['stage'] == 3 else '9f'} | {r['parameters'] / 1e6:.2f}M "
-                     f"| {r['seconds_per_step']:.3f} | {r['val'][-1]['loss_ema']:.4f} | {pct('all_correct')} "
+                     f"| {r['seconds_per_step']:.3f} | {r['val'][-1]['loss']:.4f} | {r['val'][-1]['loss_ema']:.4f} "
+                     f"| {pct('all_correct')} "
                      f"| {pct('color_accuracy')} | {pct('shape_accuracy')} | {pct('direction_accuracy')} "
                      f"| {consistency} |")
     if tread_target is not None:
@@ -161,14 +182,19 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("recipe", type=Path, help="a finished `motif-video nano-train` output folder")
     parser.add_argument("--steps", type=int, default=300, help="training steps per variant")
-    parser.add_argument("--val-every", type=int, default=50)
+    parser.add_argument("--val-every", type=int, default=100)
     parser.add_argument("--eval-prompts", type=int, default=42, help="held-out prompts per benchmark (0: skip)")
     parser.add_argument("--eval-steps", type=int, default=20)
     parser.add_argument("--variants", nargs="*", default=list(VARIANTS), choices=list(VARIANTS))
     parser.add_argument("--no-long", action="store_true", help="skip the 17-frame cross-attention pair")
     parser.add_argument("--work", type=Path, default=None, help="scratch folder (default: RECIPE/ablation)")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/nano_ablation"))
+    parser.add_argument("--report-only", action="store_true", help="rewrite results.md and the plot from results.json")
     args = parser.parse_args()
+    if args.report_only:
+        results = json.loads((args.out / "results.json").read_text())
+        write_report(results, args.out)
+        return
 
     torch.manual_seed(0)
     work = args.work or args.recipe / "ablation"
@@ -189,14 +215,18 @@ def main() -> None:
         (args.out / "results.json").write_text(json.dumps(results, indent=1) + "\n")
         print(f"[ablation] {name}: {result['seconds']} s, val loss {result['val'][-1]['loss_ema']:.4f}", flush=True)
 
+    write_report(results, args.out)
+
+
+def write_report(results: list[dict], out: Path) -> None:
     names = {r["variant"] for r in results if r["stage"] == 2}
     target = None
     if {"three-part", "no-tread"} <= names:
         finals = [r["val"][-1]["loss_ema"] for r in results if r["stage"] == 2 and r["variant"] in
                   ("three-part", "no-tread")]
         target = max(finals)  # the loss both runs reach
-    (args.out / "results.md").write_text(markdown(results, target))
-    plot(results, args.out)
+    (out / "results.md").write_text(markdown(results, target))
+    plot(results, out)
     print(markdown(results, target))
 
 
