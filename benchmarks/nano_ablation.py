@@ -34,7 +34,11 @@ VARIANTS = {
     "no-cross-attn": ["model.overrides.enable_text_cross_attention_single=false"],
     "no-tread": ["routing=null"],
     "no-repa": ["alignment=null"],
+    # Diagnostics for the three-part model's stall under TREAD (not in the default set):
+    "no-decoder": ["model.overrides.num_decoder_layers=0"],
+    "short-route": ["routing.end_layer=-2"],
 }
+DEFAULT_VARIANTS = ["three-part", "single-stream", "no-cross-attn", "no-tread", "no-repa"]
 LONG_VARIANTS = ["three-part", "no-cross-attn"]  # also trained on images + 17-frame clips
 
 
@@ -185,7 +189,7 @@ def main() -> None:
     parser.add_argument("--val-every", type=int, default=100)
     parser.add_argument("--eval-prompts", type=int, default=42, help="held-out prompts per benchmark (0: skip)")
     parser.add_argument("--eval-steps", type=int, default=20)
-    parser.add_argument("--variants", nargs="*", default=list(VARIANTS), choices=list(VARIANTS))
+    parser.add_argument("--variants", nargs="*", default=DEFAULT_VARIANTS, choices=list(VARIANTS))
     parser.add_argument("--no-long", action="store_true", help="skip the 17-frame cross-attention pair")
     parser.add_argument("--work", type=Path, default=None, help="scratch folder (default: RECIPE/ablation)")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/nano_ablation"))
