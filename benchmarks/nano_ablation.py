@@ -37,6 +37,7 @@ VARIANTS = {
     # Diagnostics for the three-part model's stall under TREAD (not in the default set):
     "no-decoder": ["model.overrides.num_decoder_layers=0"],
     "short-route": ["routing.end_layer=-2"],
+    "two-decoder": ["model.overrides.num_single_layers=5", "model.overrides.num_decoder_layers=2"],  # +1 block
 }
 DEFAULT_VARIANTS = ["three-part", "single-stream", "no-cross-attn", "no-tread", "no-repa"]
 LONG_VARIANTS = ["three-part", "no-cross-attn"]  # also trained on images + 17-frame clips
