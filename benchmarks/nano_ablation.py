@@ -76,7 +76,6 @@ def train_variant(recipe: Path, work: Path, name: str, stage: int, steps: int, v
                  "ema.decay=0.99",  # the recipe's 0.998 would still hold a third of the init after 500 steps
                  f"validation.cache_dir={val_cache}", f"validation.every={val_every}", "validation.num_samples=48"]
     config = stage_config(stage, recipe, steps, Path(teacher_path(recipe)), progress=True, extra=overrides)
-    config.output_dir = str(run_dir)
     started = time.perf_counter()
     train(config)
     seconds = time.perf_counter() - started

@@ -10,7 +10,7 @@ from motif_video.commands.generate import DEFAULT_MODEL_DIR
 from motif_video.eval.metrics import measure_clip
 from motif_video.nano.data import heldout_prompts
 from motif_video.pipeline.pipeline import MotifVideoPipeline
-from motif_video.pipeline.video_io import probe_video
+from motif_video.pipeline.video_io import probe_video, to_uint8_frames
 
 
 def test_shipped_model_has_the_release_layout_and_fits_the_size_limit():
@@ -36,7 +36,6 @@ def test_shipped_model_gets_the_colour_of_held_out_prompts_far_above_chance():
     pipe = MotifVideoPipeline.from_pretrained(DEFAULT_MODEL_DIR, device="cpu")
     rows = heldout_prompts(16, seed=123)
     frames = pipe([r["prompt"] for r in rows], generator=torch.Generator().manual_seed(0), progress=False)
-    clips = (np.asarray(frames) * 255).round().astype(np.uint8)
-    colours = [measure_clip(clip).color for clip in clips]
+    colours = [measure_clip(to_uint8_frames(clip)).color for clip in frames]
     right = np.mean([c == r["attributes"]["color"] for c, r in zip(colours, rows)])
     assert right >= 0.6, colours

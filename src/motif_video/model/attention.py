@@ -42,7 +42,9 @@ def _sage_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.
 # Fused kernels used for unmasked attention on CUDA in fp16/bf16; everything else goes through PyTorch's SDPA.
 # flash-attn is exact up to kernel rounding; SageAttention quantises Q and K to int8 (approximate).
 ATTENTION_BACKENDS = {"sdpa": None, "flash": _flash_attention, "sage": _sage_attention}
-BACKEND_PACKAGES = {"flash": ("flash_attn_interface", "flash_attn"), "sage": ("sageattention",)}
+# backend -> (the pip package to install, the modules any one of which provides the kernel)
+BACKEND_PACKAGES = {"flash": ("flash-attn", ("flash_attn_interface", "flash_attn")),
+                    "sage": ("sageattention", ("sageattention",))}
 _active_backend = "sdpa"
 
 
@@ -54,8 +56,8 @@ def set_attention_backend(name: str) -> None:
     if name != "sdpa":
         import importlib.util
 
-        if not any(importlib.util.find_spec(m) for m in BACKEND_PACKAGES[name]):
-            package = {"flash": "flash-attn", "sage": "sageattention"}[name]
+        package, modules = BACKEND_PACKAGES[name]
+        if not any(importlib.util.find_spec(m) for m in modules):
             raise ValueError(f"attention backend {name!r} needs the {package} package (pip install {package})")
     _active_backend = name
 
