@@ -38,6 +38,17 @@ VARIANTS = {
     "no-decoder": ["model.overrides.num_decoder_layers=0"],
     "short-route": ["routing.end_layer=-2"],
     "two-decoder": ["model.overrides.num_single_layers=5", "model.overrides.num_decoder_layers=2"],  # +1 block
+    "matched-decoder": ["model.decoder_init=matched"],
+    "matched-short-route": ["model.decoder_init=matched", "routing.end_layer=-2"],
+    "matched-no-tread": ["model.decoder_init=matched", "routing=null"],
+    "gate1": ["model.decoder_gate=1.0"],
+    "matched-gate1": ["model.decoder_init=matched", "model.decoder_gate=1.0"],
+    "matched-gate1-short": ["model.decoder_init=matched", "model.decoder_gate=1.0", "routing.end_layer=-2"],
+    "matched-gate1-notread": ["model.decoder_init=matched", "model.decoder_gate=1.0", "routing=null"],
+    "matched-gate1-short-r25": ["model.decoder_init=matched", "model.decoder_gate=1.0", "routing.end_layer=-2",
+                                "routing.selection_ratio=0.25"],
+    "matched-gate1-mid": ["model.decoder_init=matched", "model.decoder_gate=1.0", "routing.start_layer=2",
+                          "routing.end_layer=-2"],
 }
 DEFAULT_VARIANTS = ["three-part", "single-stream", "no-cross-attn", "no-tread", "no-repa"]
 LONG_VARIANTS = ["three-part", "no-cross-attn"]  # also trained on images + 17-frame clips

@@ -12,6 +12,7 @@ See docs/architecture.md.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -275,6 +276,36 @@ class MotifVideoTransformer(nn.Module):
             nn.init.zeros_(out.bias)
             block.cross_attn = cross.to(device=ref.device, dtype=ref.dtype)
         self.config = c.replace(enable_text_cross_attention_single=True, cross_attention_form=form)
+        return self
+
+    def init_matched_decoder(self, grid: tuple[int, int, int], max_angle: float = 0.5, sharpness: float = 2.0,
+                             gate: float = 1.0) -> "MotifVideoTransformer":
+        """Initialise the decoder so that decoder token i reads encoder token i, at full strength, from step 0.
+
+        The encoder's tokens sit in the decoder's context slot without RoPE, so attention sees them as an unordered
+        set: the decoder can find "its" encoder token only by content. Both streams start from the same patch
+        embedding, so tied query/key weights (W_q = W_k) match them, once the channels that RoPE rotates by more
+        than `max_angle` over `grid` (T', H', W' tokens) are left out of the query and key; `sharpness` scales the
+        Q/K RMSNorm weights. The AdaLN gate starts at `gate` instead of ~0.05, so the encoder reaches the output at
+        first order. With the default init a small model reads the encoder as a near-uniform average and stalls
+        (docs/nano.md, "the decoder stall").
+        """
+        c = self.config
+        cos, _ = rope_frequencies(grid, c.rope_axes_dim, c.rope_theta)
+        steady = cos.min(dim=0).values >= math.cos(max_angle)  # (head_dim,) channels that barely rotate
+        if not steady.any():
+            raise MotifVideoError(f"no RoPE channel stays within {max_angle} rad over a {list(grid)} token grid")
+        rows = steady.repeat(c.num_attention_heads).to(self.x_embedder.proj.weight)[:, None]
+        with torch.no_grad():
+            for block in self.single_transformer_blocks[c.num_encoder_single_layers:]:
+                attn = block.attn
+                attn.to_q.weight.mul_(rows)
+                attn.to_k.weight.copy_(attn.to_q.weight)
+                attn.to_q.bias.zero_()
+                attn.to_k.bias.zero_()
+                attn.norm_q.weight.fill_(sharpness)
+                attn.norm_k.weight.fill_(sharpness)
+                block.norm.linear.bias[2 * c.hidden_size:].fill_(gate)  # (shift, scale, gate) chunks
         return self
 
     def replace_text_projection(self, text_embed_dim: int) -> "MotifVideoTransformer":

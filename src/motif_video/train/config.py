@@ -29,10 +29,16 @@ class ModelSection:
     pretrained: str | None = None  # folder with config.json + safetensors; its weights are loaded
     # TransformerConfig fields; with `pretrained` only those that keep its weights' layout (e.g. rope_theta)
     overrides: dict[str, Any] = field(default_factory=dict)
+    # The DDT decoder's init for a preset: "random", or "matched" (decoder token i reads encoder token i from step
+    # 0; MotifVideoTransformer.init_matched_decoder), whose Q/K skip the channels RoPE turns over `matched_grid`
+    decoder_init: Literal["random", "matched"] = "random"
+    matched_grid: list[int] = field(default_factory=lambda: [5, 4, 4])  # (T', H', W') tokens of the longest clips
 
     def validate(self, key: str) -> None:
         if (self.pretrained is None) == (self.preset is None):
             raise ConfigError(f"{key}: set exactly one of preset and pretrained")
+        if len(self.matched_grid) != 3 or any(n < 1 for n in self.matched_grid):
+            raise ConfigError(f"{key}.matched_grid must be three positive token counts (T', H', W')")
         if self.pretrained is None and self.preset not in PRESETS:
             raise ConfigError(f"{key}.preset: unknown preset {self.preset!r}; choose one of: {', '.join(PRESETS)}")
         known = {f.name for f in dataclasses.fields(TransformerConfig)}

@@ -94,4 +94,7 @@ def build_transformer(config: TrainConfig) -> MotifVideoTransformer:
                                   "weights; architecture changes go through stage.transitions")
             model.config = changed
         return model
-    return MotifVideoTransformer(section.architecture())
+    model = MotifVideoTransformer(section.architecture())
+    if section.decoder_init == "matched":
+        model.init_matched_decoder(tuple(section.matched_grid))
+    return model
