@@ -112,10 +112,17 @@ def benchmark(recipe: Path, work: Path, result: dict, prompts: int, steps: int) 
 
 
 def seconds_to_loss(result: dict, target: float) -> float | None:
-    """Wall-clock until the EMA validation loss first reaches `target` (steps scaled by the run's step time)."""
+    """Wall-clock until the EMA validation loss reaches `target`: the step found by linear interpolation between
+    the validations around the crossing, scaled by the run's step time."""
+    previous = None
     for row in result["val"]:
         if row["loss_ema"] <= target:
-            return round(row["step"] * result["seconds_per_step"], 1)
+            step = row["step"]
+            if previous is not None and previous["loss_ema"] > row["loss_ema"]:
+                share = (previous["loss_ema"] - target) / (previous["loss_ema"] - row["loss_ema"])
+                step = previous["step"] + share * (row["step"] - previous["step"])
+            return round(step * result["seconds_per_step"], 1)
+        previous = row
     return None
 
 
