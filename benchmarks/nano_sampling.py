@@ -7,7 +7,7 @@ and direction accuracies (percent); "all correct" needs all three right in one c
     python benchmarks/nano_sampling.py --model src/motif_video/assets/motif-video-nano \\
         --prompts runs/nano/data/heldout_prompts.jsonl --seeds 0 1
 
-Settings: Euler at the model's default steps with encoder reuse K = 1 (exact), 2 and 3; DPM-Solver++ 2M at fewer
+Settings: Euler at the model's default steps with encoder reuse K = 1 (exact), 2, 3 and 4; DPM-Solver++ 2M at fewer
 steps. Writes results.json and results.md under --out.
 """
 
@@ -24,6 +24,7 @@ SETTINGS = {
     "euler, reuse 1 (exact)": dict(encoder_reuse=1),
     "euler, reuse 2": dict(encoder_reuse=2),
     "euler, reuse 3": dict(encoder_reuse=3),
+    "euler, reuse 4": dict(encoder_reuse=4),
     "dpm++, half the steps": dict(solver="dpm++", steps_fraction=0.5),
     "dpm++, half the steps, reuse 2": dict(solver="dpm++", steps_fraction=0.5, encoder_reuse=2),
 }

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 
 @dataclass
 class NanoPlan:
-    """Sizes and budgets of one reproduction; the defaults took 49.7 minutes on 2 CPU cores (docs/nano.md)."""
+    """Sizes and budgets of one reproduction; the defaults take about 58 minutes on 2 CPU cores (docs/nano.md)."""
 
     seed: int = 0
     clips: int = 2000
