@@ -20,6 +20,7 @@ COMMANDS = [
     "nano_train",
     "eval",
     "estimate",
+    "calibrate_reuse",
 ]
 
 

@@ -103,9 +103,9 @@ def test_captions_match_attributes():
 
 def test_examples_of_wording():
     rng = np.random.default_rng(0)
-    train = {train_caption(Attributes("red", "circle", "small", "left"), rng) for _ in range(200)}
+    train = {train_caption(Attributes("red", "circle", "small", "left"), rng) for _ in range(20000)}
     assert "a small red circle moving to the left" in train
-    statics = {train_caption(Attributes("white", "square", "large", "static"), rng) for _ in range(400)}
+    statics = {train_caption(Attributes("white", "square", "large", "static"), rng) for _ in range(20000)}
     assert "a static white square" in statics
     assert len(train) >= 20  # varied wording
     assert all(not c.startswith("a a") and " a o" not in c for c in train | statics)  # articles fixed ("an oversized")
@@ -121,6 +121,16 @@ def test_heldout_wording_is_disjoint_from_training():
     assert not train & held
     train_phrases = {p for ps in data.TRAIN_WORDS["motion"].values() for p in ps}
     assert not any(p in c for c in held for p in train_phrases if len(p.split()) > 1)
+    # Word by word: no held-out size word, motion phrase, static adjective or template is ever trained on; shape
+    # words share only the canonical nouns.
+    for kind in ("size", "shape", "motion"):
+        for value, held_words in data.HELDOUT_WORDS[kind].items():
+            shared = set(held_words) & {w for ws in data.TRAIN_WORDS[kind].values() for w in ws}
+            assert shared <= ({value} if kind == "shape" else set()), (kind, shared)
+    assert not set(data.HELDOUT_WORDS["static_adjective"]) & set(data.TRAIN_WORDS["static_adjective"])
+    held_templates = data.HELDOUT_TEMPLATES + data.HELDOUT_STATIC_TEMPLATES + data.HELDOUT_IMAGE_TEMPLATES
+    train_templates = data.TRAIN_TEMPLATES + data.TRAIN_STATIC_TEMPLATES + data.TRAIN_IMAGE_TEMPLATES
+    assert not set(held_templates) & set(train_templates)
     prompts = heldout_prompts(210, seed=0)
     assert Counter(tuple(p["attributes"].values()) for p in prompts) == Counter(
         (a.color, a.shape, a.size, a.motion) for a in clip_combinations())

@@ -34,7 +34,11 @@ def register(subparsers) -> None:
     p.add_argument("--shift", type=float, default=None, help="flow-matching schedule shift")
     p.add_argument("--solver", choices=["euler", "dpm++"], default=None, help="sampler")
     p.add_argument("--encoder-reuse", type=int, default=None, metavar="K",
-                   help="run the encoder on every K-th step only and reuse its output (faster, approximate)")
+                   help="run the encoder on every K-th step only and reuse its output (faster, approximate; 1: "
+                        "exact). Default: the model's (a calibrated schedule for the shipped nano model, exact for the "
+                        "release)")
+    p.add_argument("--encoder-refresh", type=_step_list, default=None, metavar="I,J,...",
+                   help="the 0-based steps that run the encoder (must include 0); overrides --encoder-reuse")
     p.add_argument("--seed", type=int, default=0, help="random seed of the initial noise")
     p.add_argument("--negative-prompt", default=None, help="negative prompt (default: the release's)")
     p.add_argument("--fps", type=int, default=None, help="frames per second of the written video")
@@ -51,6 +55,13 @@ def register(subparsers) -> None:
                    help="torch.compile the transformer blocks (CUDA; the first step pays the compile time)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=run)
+
+
+def _step_list(text: str) -> list[int]:
+    try:
+        return [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated step numbers, got {text!r}") from None
 
 
 def run(args) -> int:
@@ -96,7 +107,7 @@ def run(args) -> int:
         pipe, out, fps=args.fps, prompt=args.prompt, negative_prompt=args.negative_prompt, image=args.image,
         height=args.height, width=args.width, num_frames=args.frames, num_inference_steps=args.steps,
         guidance_scale=args.guidance_scale, guider=args.guider, shift=args.shift, solver=args.solver,
-        encoder_reuse=args.encoder_reuse, batch_guidance=False if args.sequential_guidance else None,
+        encoder_reuse=args.encoder_reuse, encoder_refresh=args.encoder_refresh, batch_guidance=False if args.sequential_guidance else None,
         generator=generator, progress=not args.quiet,
     )
     total = time.perf_counter() - started

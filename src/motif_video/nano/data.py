@@ -160,18 +160,27 @@ def render(attrs: Attributes, frames: int, size: int, rng: np.random.Generator) 
 
 # Train and held-out wordings share only the colour names and the canonical shape nouns; templates, motion
 # phrases and size words differ, so held-out prompts test understanding rather than recall of exact strings.
+# The training side is deliberately varied (several words and sentence orders per attribute), as real captioning
+# is: a model that saw one phrase per direction learns the phrase, not the direction (measured: on held-out
+# wording, the model trained on five phrases per direction got 65 % all-correct against 84 % on training wording).
 TRAIN_WORDS = {
-    "size": {"small": ["small", "little"], "large": ["large", "big"]},
-    "shape": {"circle": ["circle", "disc", "dot"], "square": ["square", "block"], "triangle": ["triangle"]},
+    "size": {"small": ["small", "little", "petite", "mini"], "large": ["large", "big", "giant", "enormous"]},
+    "shape": {"circle": ["circle", "disc", "dot", "ball", "orb"], "square": ["square", "block", "box", "cube"],
+              "triangle": ["triangle", "wedge", "pyramid"]},
     "motion": {
-        "left": ["moving to the left", "moving left", "sliding to the left", "drifting left", "travelling left"],
+        "left": ["moving to the left", "moving left", "sliding to the left", "drifting left", "travelling left",
+                 "moving from right to left", "shifting to the left", "moving west", "rolling left"],
         "right": ["moving to the right", "moving right", "sliding to the right", "drifting right",
-                  "travelling right"],
-        "up": ["moving up", "moving upward", "drifting upward", "rising", "floating up"],
-        "down": ["moving down", "moving downward", "drifting downward", "falling", "sinking"],
-        "static": ["staying still", "not moving", "resting in place"],
+                  "travelling right", "moving from left to right", "shifting to the right", "moving east",
+                  "rolling right"],
+        "up": ["moving up", "moving upward", "drifting upward", "rising", "floating up", "moving toward the top",
+               "lifting off upward", "soaring", "travelling upward"],
+        "down": ["moving down", "moving downward", "drifting downward", "falling", "sinking",
+                 "moving toward the bottom", "plummeting", "sliding down", "travelling downward"],
+        "static": ["staying still", "not moving", "resting in place", "sitting still", "frozen in place",
+                   "keeping still"],
     },
-    "static_adjective": ["static", "stationary", "motionless"],
+    "static_adjective": ["static", "stationary", "motionless", "still"],
 }
 HELDOUT_WORDS = {
     "size": {"small": ["tiny", "miniature"], "large": ["huge", "oversized"]},
@@ -193,12 +202,19 @@ TRAIN_TEMPLATES = [
     "a {size} {color} {shape} {motion} on a dark background",
     "video of a {size} {color} {shape} {motion}",
     "a {size} {color} {shape} that is {motion}",
+    "a {size} {shape} in {color} {motion}",
+    "a {color} {size} {shape} {motion}",
+    "a {size} {color} {shape} is {motion}",
+    "a {size} {color} {shape}, {motion}",
 ]
-TRAIN_STATIC_TEMPLATES = ["a {adjective} {color} {shape}", "a {adjective} {size} {color} {shape}"]
+TRAIN_STATIC_TEMPLATES = ["a {adjective} {color} {shape}", "a {adjective} {size} {color} {shape}",
+                          "a {adjective} {shape} in {color}"]
 TRAIN_IMAGE_TEMPLATES = [
     "a {size} {color} {shape}",
     "a {color} {shape} on a dark background",
     "a picture of a {size} {color} {shape}",
+    "an image of a {color} {size} {shape}",
+    "a {size} {shape} in {color}",
 ]
 HELDOUT_TEMPLATES = [
     "there is a {size} {color} {shape} {motion} in this clip",

@@ -19,6 +19,7 @@ from tqdm.auto import tqdm
 from ..errors import CheckpointError, MotifVideoError
 from ..hub import resolve_model_dir
 from ..model.transformer import EncoderCache, MotifVideoTransformer
+from .encoder_schedule import check_refresh, uniform_refresh
 from .guidance import make_guidance
 from .sampler import make_scheduler
 from .text import PromptEncoder, check_prompt, pad_and_stack
@@ -55,6 +56,9 @@ class GenerationDefaults:
     apg_momentum: float = 0.1
     apg_eta: float = 0.0
     encoder_reuse: int = 1  # run the encoder every k-th step and reuse its output between (1: every step, exact)
+    # The steps that run the encoder when sampling at `num_inference_steps`, calibrated for this model
+    # (`motif-video calibrate-reuse`); other step counts fall back to every `encoder_reuse`-th step.
+    encoder_refresh: list[int] | None = None
     batch_guidance: bool = True  # cond + uncond in one forward (faster); False halves activation memory
 
     @classmethod
@@ -270,15 +274,20 @@ class MotifVideoPipeline:
         shift: float | None = None,
         solver: str | None = None,
         encoder_reuse: int | None = None,
+        encoder_refresh: list[int] | None = None,
         batch_guidance: bool | None = None,
         progress: bool = True,
+        encoder_trace: list | None = None,
     ):
         """Generate videos. Returns frames: "np" float (B, T, H, W, 3) in [0, 1], "pt" (B, T, 3, H, W), "pil" lists.
 
         `negative_prompt=None` uses the release's default negative prompt; pass "" for an empty one. `latents`
         (B, 16, T', H', W') fixes the initial noise, so runs are comparable across implementations.
         `encoder_reuse=k` runs the encoder blocks on every k-th step only and reuses their output in between
-        (DDT-style; approximate, about k-fold less encoder compute).
+        (DDT-style; approximate, about k-fold less encoder compute); `encoder_refresh` lists the steps that run it
+        instead; `encoder_reuse=1` is exact. Unset, both come from the model's defaults (`encoder_refresh` applies
+        at the default step count only). `encoder_trace`: a list that receives, per step, the encoder's output of
+        each guidance branch (exact sampling; for `encoder_schedule.measure_drift`).
         """
         d = self.defaults
         prompts = check_prompt(prompt)
@@ -332,21 +341,22 @@ class MotifVideoPipeline:
         scheduler = make_scheduler(solver or d.solver, shift, steps, device=device)
         guidance = make_guidance(guider or d.guider, scale, norm_threshold=d.apg_norm_threshold,
                                  momentum=d.apg_momentum, eta=d.apg_eta) if use_guidance else None
-        reuse = d.encoder_reuse if encoder_reuse is None else encoder_reuse
-        if reuse < 1:
-            raise MotifVideoError(f"encoder_reuse must be >= 1, got {reuse}")
-        caches = [EncoderCache() if reuse > 1 else None for _ in conditions]
+        refresh = self._encoder_refresh(steps, encoder_reuse, encoder_refresh, exact=encoder_trace is not None)
+        share = len(refresh) < steps or encoder_trace is not None
+        caches = [EncoderCache() if share else None for _ in conditions]
         self._activate(self.transformer)
         for i, t in enumerate(tqdm(scheduler.timesteps, desc="denoising", disable=not progress, leave=False)):
             velocities = []
             for (text, text_mask), cache in zip(conditions, caches):
                 if cache is not None:
-                    cache.refresh = i % reuse == 0
+                    cache.refresh = i in refresh
                 copies = text.shape[0] // batch
                 model_input = torch.cat([latents, conditioning], dim=1).repeat(copies, 1, 1, 1, 1).to(dtype)
                 images = image_tokens.expand(text.shape[0], -1, -1) if image_tokens is not None else None
                 velocities.append(self.transformer(model_input, t.expand(model_input.shape[0]).to(device), text,
                                                    text_mask, images, encoder_cache=cache).float())
+            if encoder_trace is not None:
+                encoder_trace.append([cache.tokens.detach().cpu() for cache in caches])
             velocity = torch.cat(velocities)
             if guidance is not None:
                 velocity = guidance(*velocity.chunk(2))
@@ -366,6 +376,18 @@ class MotifVideoPipeline:
         from PIL import Image
 
         return [[Image.fromarray((f * 255).round().astype(np.uint8)) for f in clip] for clip in frames]
+
+    def _encoder_refresh(self, steps: int, reuse: int | None, refresh: list[int] | None, exact: bool) -> set[int]:
+        """The steps that run the encoder: explicit steps, else an explicit reuse factor, else the model's
+        calibrated schedule (at its step count), else its reuse factor."""
+        d = self.defaults
+        if exact:
+            return set(range(steps))
+        if refresh is not None:
+            return set(check_refresh(refresh, steps))
+        if reuse is None and d.encoder_refresh is not None and steps == d.num_inference_steps:
+            return set(check_refresh(d.encoder_refresh, steps))
+        return set(uniform_refresh(steps, d.encoder_reuse if reuse is None else reuse))
 
     def describe(self) -> dict:
         return {"defaults": asdict(self.defaults), "transformer": self.transformer.config.to_dict()}

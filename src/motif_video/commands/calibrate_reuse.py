@@ -1,0 +1,81 @@
+"""`motif-video calibrate-reuse MODEL --budget K`: where to run the encoder when its output is reused across steps.
+
+Samples a few prompts exactly, measures how far the encoder's output drifts between every pair of steps, and
+places K encoder runs where they leave the least drift (motif_video.pipeline.encoder_schedule). With --write the
+schedule becomes the model's default (`encoder_refresh` in MODEL/motif_video.json) at its default step count.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from pathlib import Path
+
+# Generic prompts: the drift pattern over steps is a property of the model and the noise schedule, not the prompt.
+DEFAULT_PROMPTS = [
+    "a small red circle moving to the left",
+    "a large blue square moving up",
+    "a dog running along a beach at sunset",
+    "a city street at night with passing cars",
+]
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser(
+        "calibrate-reuse",
+        help="choose the steps that run the encoder under encoder reuse (and make them the model's default)",
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("model", help="model folder (the released layout, or the shipped nano model's)")
+    p.add_argument("--budget", type=int, required=True, metavar="K", help="encoder runs per video (step 0 included)")
+    p.add_argument("--prompt", action="append", default=None, help="a calibration prompt (repeatable)")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0], help="noise seeds per prompt")
+    p.add_argument("--steps", type=int, default=None, help="denoising steps (default: the model's)")
+    p.add_argument("--height", type=int, default=None, help="pixels (default: the model's)")
+    p.add_argument("--width", type=int, default=None, help="pixels (default: the model's)")
+    p.add_argument("--frames", type=int, default=None, help="frame count, 4k+1 (default: the model's)")
+    p.add_argument("--write", action="store_true", help="store the schedule in MODEL/motif_video.json")
+    p.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda if available)")
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    import torch
+
+    from ..errors import MotifVideoError
+    from ..pipeline.encoder_schedule import measure_drift, plan_refresh, reuse_error, uniform_refresh
+    from ..pipeline.pipeline import MotifVideoPipeline
+
+    torch.set_grad_enabled(False)
+    pipe = MotifVideoPipeline.from_pretrained(args.model, device=args.device)
+    steps = args.steps or pipe.defaults.num_inference_steps
+    if not 1 <= args.budget <= steps:
+        raise MotifVideoError(f"--budget must be in [1, {steps}], got {args.budget}")
+    prompts = args.prompt or DEFAULT_PROMPTS
+    drift = measure_drift(pipe, prompts, args.seeds, num_inference_steps=steps, height=args.height,
+                          width=args.width, num_frames=args.frames)
+    refresh = plan_refresh(drift, args.budget)
+    uniform_reuse = -(-steps // args.budget)  # the smallest uniform factor within the same budget
+    uniform = uniform_refresh(steps, uniform_reuse)
+    print(f"encoder drift between neighbouring steps: {' '.join(f'{drift[i, i - 1]:.3f}' for i in range(1, steps))}")
+    print(f"planned refresh steps ({args.budget} of {steps}): {','.join(map(str, refresh))}  "
+          f"reuse error {reuse_error(drift, refresh):.3f}")
+    print(f"uniform, every {uniform_reuse} ({len(uniform)} of {steps}): {','.join(map(str, uniform))}  "
+          f"reuse error {reuse_error(drift, uniform):.3f}")
+    if args.write:
+        path = Path(args.model) / "motif_video.json"
+        if not Path(args.model).is_dir():
+            raise MotifVideoError(f"--write needs a local model folder, got {args.model}")
+        data = json.loads(path.read_text()) if path.is_file() else {}
+        generation = data.setdefault("generation", {})
+        if steps != generation.get("num_inference_steps", pipe.defaults.num_inference_steps):
+            raise MotifVideoError(f"--write stores a schedule for the default step count "
+                                  f"({pipe.defaults.num_inference_steps}); drop --steps")
+        generation["encoder_refresh"] = refresh
+        generation["encoder_reuse"] = uniform_reuse  # the fallback at other step counts
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(json.dumps(data, indent=2) + "\n")
+        os.replace(tmp, path)
+        print(f"wrote the schedule into {path}")
+    return 0
