@@ -7,8 +7,10 @@ and direction accuracies (percent); "all correct" needs all three right in one c
     python benchmarks/nano_sampling.py --model src/motif_video/assets/motif-video-nano \\
         --prompts runs/nano/data/heldout_prompts.jsonl --seeds 0 1
 
-Settings: Euler at the model's default steps with encoder reuse K = 1 (exact), 2, 3 and 4; DPM-Solver++ 2M at fewer
-steps. Writes results.json and results.md under --out.
+Settings: Euler at the model's default steps with encoder reuse K = 1 (exact), 2, 3 and 4; calibrated refresh
+schedules with a budget of B encoder runs (`--budgets`; planned from the encoder's drift on the calibration prompts
+of `motif-video calibrate-reuse`, never on the benchmark's prompts); DPM-Solver++ 2M at fewer steps.
+Writes results.json and results.md under --out.
 """
 
 from __future__ import annotations
@@ -20,8 +22,9 @@ from pathlib import Path
 
 import torch
 
+EXACT = "euler, reuse 1 (exact)"
 SETTINGS = {
-    "euler, reuse 1 (exact)": dict(encoder_reuse=1),
+    EXACT: dict(encoder_reuse=1),
     "euler, reuse 2": dict(encoder_reuse=2),
     "euler, reuse 3": dict(encoder_reuse=3),
     "euler, reuse 4": dict(encoder_reuse=4),
@@ -41,17 +44,29 @@ def main() -> None:
     parser.add_argument("--limit", type=int, default=105, help="prompts per seed")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
     parser.add_argument("--steps", type=int, default=None, help="Euler steps (default: the model's)")
+    parser.add_argument("--budgets", type=int, nargs="*", default=[5, 6],
+                        help="encoder runs of the calibrated schedules")
+    parser.add_argument("--only", nargs="*", default=None, help="run only these settings (names as in the table)")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/nano_sampling"))
     args = parser.parse_args()
 
     from motif_video.nano.recipe import evaluate
-    from motif_video.pipeline.pipeline import GenerationDefaults
+    from motif_video.pipeline.encoder_schedule import CALIBRATION_PROMPTS, measure_drift, plan_refresh
+    from motif_video.pipeline.pipeline import MotifVideoPipeline
 
     torch.set_grad_enabled(False)
-    steps = args.steps or GenerationDefaults.from_folder(args.model).num_inference_steps
+    pipe = MotifVideoPipeline.from_pretrained(args.model, device="cpu")
+    steps = args.steps or pipe.defaults.num_inference_steps
+    settings = dict(SETTINGS)
+    if args.budgets:
+        drift = measure_drift(pipe, CALIBRATION_PROMPTS, num_inference_steps=steps)
+        for budget in args.budgets:
+            settings[f"euler, calibrated {budget} of {steps}"] = dict(encoder_refresh=plan_refresh(drift, budget))
+    if args.only is not None:
+        settings = {name: settings[name] for name in settings if name in args.only or name == EXACT}
     results = {}
     with tempfile.TemporaryDirectory() as tmp:
-        for name, setting in SETTINGS.items():
+        for name, setting in settings.items():
             setting = dict(setting)
             n = max(1, round(steps * setting.pop("steps_fraction", 1.0)))
             runs = [evaluate(args.model, args.prompts, Path(tmp) / f"{len(results)}-{seed}", args.limit, n,
@@ -67,7 +82,7 @@ def main() -> None:
             print(f"{name}: alignment {row['alignment']:.1f}, all correct {100 * row['all_correct']:.1f}%, "
                   f"{row['generation_seconds']:.1f} s", flush=True)
 
-    base = results["euler, reuse 1 (exact)"]
+    base = results[EXACT]
     lines = ["| setting | steps | generation s | speedup | alignment | change | all correct | subject consistency |",
              "|---|---|---|---|---|---|---|---|"]
     for name, row in results.items():

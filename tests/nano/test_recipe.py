@@ -23,5 +23,7 @@ def test_recipe_produces_a_model_folder_that_generates(tmp_path):
 
     pipe = MotifVideoPipeline.from_pretrained(model, device="cpu")
     assert pipe.transformer.config.cross_attention_form == "tied"
+    assert pipe.defaults.encoder_refresh == log["encoder_refresh"]  # the calibrated reuse schedule is the default
+    assert len(log["encoder_refresh"]) == plan.encoder_budget and log["encoder_refresh"][0] == 0
     frames = pipe("a red circle moving left", num_inference_steps=2, progress=False)
     assert frames.shape == (1, 17, 64, 64, 3) and np.isfinite(frames).all()

@@ -8,17 +8,7 @@ schedule becomes the model's default (`encoder_refresh` in MODEL/motif_video.jso
 from __future__ import annotations
 
 import argparse
-import json
-import os
 from pathlib import Path
-
-# Generic prompts: the drift pattern over steps is a property of the model and the noise schedule, not the prompt.
-DEFAULT_PROMPTS = [
-    "a small red circle moving to the left",
-    "a large blue square moving up",
-    "a dog running along a beach at sunset",
-    "a city street at night with passing cars",
-]
 
 
 def register(subparsers) -> None:
@@ -44,7 +34,8 @@ def run(args) -> int:
     import torch
 
     from ..errors import MotifVideoError
-    from ..pipeline.encoder_schedule import measure_drift, plan_refresh, reuse_error, uniform_refresh
+    from ..pipeline.encoder_schedule import (CALIBRATION_PROMPTS, measure_drift, plan_refresh, reuse_error,
+                                             save_schedule, uniform_refresh)
     from ..pipeline.pipeline import MotifVideoPipeline
 
     torch.set_grad_enabled(False)
@@ -52,7 +43,12 @@ def run(args) -> int:
     steps = args.steps or pipe.defaults.num_inference_steps
     if not 1 <= args.budget <= steps:
         raise MotifVideoError(f"--budget must be in [1, {steps}], got {args.budget}")
-    prompts = args.prompt or DEFAULT_PROMPTS
+    if args.write and not Path(args.model).is_dir():
+        raise MotifVideoError(f"--write needs a local model folder, got {args.model}")
+    if args.write and steps != pipe.defaults.num_inference_steps:
+        raise MotifVideoError(f"--write stores a schedule for the default step count "
+                              f"({pipe.defaults.num_inference_steps}); drop --steps")
+    prompts = args.prompt or list(CALIBRATION_PROMPTS)
     drift = measure_drift(pipe, prompts, args.seeds, num_inference_steps=steps, height=args.height,
                           width=args.width, num_frames=args.frames)
     refresh = plan_refresh(drift, args.budget)
@@ -64,18 +60,5 @@ def run(args) -> int:
     print(f"uniform, every {uniform_reuse} ({len(uniform)} of {steps}): {','.join(map(str, uniform))}  "
           f"reuse error {reuse_error(drift, uniform):.3f}")
     if args.write:
-        path = Path(args.model) / "motif_video.json"
-        if not Path(args.model).is_dir():
-            raise MotifVideoError(f"--write needs a local model folder, got {args.model}")
-        data = json.loads(path.read_text()) if path.is_file() else {}
-        generation = data.setdefault("generation", {})
-        if steps != generation.get("num_inference_steps", pipe.defaults.num_inference_steps):
-            raise MotifVideoError(f"--write stores a schedule for the default step count "
-                                  f"({pipe.defaults.num_inference_steps}); drop --steps")
-        generation["encoder_refresh"] = refresh
-        generation["encoder_reuse"] = uniform_reuse  # the fallback at other step counts
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(json.dumps(data, indent=2) + "\n")
-        os.replace(tmp, path)
-        print(f"wrote the schedule into {path}")
+        print(f"wrote the schedule into {save_schedule(args.model, refresh, steps)}")
     return 0

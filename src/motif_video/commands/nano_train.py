@@ -31,6 +31,9 @@ def register(subparsers) -> None:
     p.add_argument("--eval-prompts", type=int, default=plan.eval_prompts,
                    help="held-out prompts to evaluate (0: skip)")
     p.add_argument("--eval-steps", type=int, default=plan.eval_steps, help="sampling steps during evaluation")
+    p.add_argument("--encoder-budget", type=int, default=plan.encoder_budget,
+                   help="encoder runs per video of the calibrated encoder-reuse schedule saved as the model's "
+                        "default (0: exact sampling by default)")
     p.add_argument("--codec-from", default=None, help="reuse a trained codec folder instead of training one")
     p.add_argument("--teacher-from", default=None, help="reuse a trained teacher folder instead of training one")
     p.add_argument("--quiet", action="store_true")
@@ -46,10 +49,14 @@ def run(args) -> int:
                           "installed with `pip install -e .`")
     if min(args.clips, args.images, args.codec_steps, args.teacher_steps, *args.stage_steps) < 1:
         raise ConfigError("clip/image counts and step counts must be >= 1")
+    sampling_steps = NanoPlan().generation["num_inference_steps"]
+    if not 0 <= args.encoder_budget <= sampling_steps:
+        raise ConfigError(f"--encoder-budget must be in [0, {sampling_steps}] (the model's sampling steps)")
     plan = NanoPlan(seed=args.seed, clips=args.clips, images=args.images, codec_steps=args.codec_steps,
                     codec_budget_s=args.codec_budget, teacher_steps=args.teacher_steps,
                     stage_steps=tuple(args.stage_steps), eval_prompts=args.eval_prompts, eval_steps=args.eval_steps,
-                    codec_from=args.codec_from, teacher_from=args.teacher_from)
+                    encoder_budget=args.encoder_budget or None, codec_from=args.codec_from,
+                    teacher_from=args.teacher_from)
     log = run_recipe(args.out_dir, plan, progress=not args.quiet)
     summary = log.get("eval", {}).get("summary", {})
     scores = ", ".join(f"{key} {summary[key]:.3f}" for key in ("all_correct", "color_accuracy", "shape_accuracy",

@@ -125,6 +125,18 @@ def evaluate(model_dir: Path, prompts_file: Path, out_dir: Path, limit: int, ste
     return results
 
 
+def calibrate_encoder_reuse(model_dir: Path, budget: int) -> list[int]:
+    """Plan the model's default encoder-reuse schedule (`budget` encoder runs at its default steps) and save it."""
+    from ..pipeline.encoder_schedule import CALIBRATION_PROMPTS, measure_drift, plan_refresh, save_schedule
+    from ..pipeline.pipeline import MotifVideoPipeline
+
+    pipe = MotifVideoPipeline.from_pretrained(model_dir, device="cpu")
+    with torch.no_grad():
+        refresh = plan_refresh(measure_drift(pipe, CALIBRATION_PROMPTS), budget)
+    save_schedule(model_dir, refresh, pipe.defaults.num_inference_steps)
+    return refresh
+
+
 def run_recipe(out_dir: str | Path, plan: NanoPlan | None = None, progress: bool = True) -> dict:
     """Reproduce the nano model into `out_dir`/model; returns the timings and evaluation summary."""
     from ..train.buckets import BucketSet
@@ -175,6 +187,9 @@ def run_recipe(out_dir: str | Path, plan: NanoPlan | None = None, progress: bool
         log["stages"][stage] = {"steps": steps, "first_loss": result.losses[first], "last_loss": result.losses[last]}
     export_transformer(out_dir / "runs" / "stage3", model_dir)
     seconds["total_training"] = round(time.perf_counter() - started, 1)
+    if plan.encoder_budget:
+        with _step(seconds, "calibrate"):
+            log["encoder_refresh"] = calibrate_encoder_reuse(model_dir, plan.encoder_budget)
     with _step(seconds, "eval"):
         log["eval"] = evaluate(model_dir, data_dir / "heldout_prompts.jsonl", out_dir / "eval", plan.eval_prompts,
                                plan.eval_steps, seed=plan.seed)

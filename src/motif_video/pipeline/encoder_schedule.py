@@ -15,12 +15,24 @@ instead measures the drift once per model and places a fixed number of refreshes
 
 from __future__ import annotations
 
+import json
+import os
 from collections.abc import Sequence
+from pathlib import Path
 
 import numpy as np
 import torch
 
 from ..errors import MotifVideoError
+
+
+# Generic prompts: the drift pattern over steps is a property of the model and the noise schedule, not the prompt.
+CALIBRATION_PROMPTS = (
+    "a small red circle moving to the left",
+    "a large blue square moving up",
+    "a dog running along a beach at sunset",
+    "a city street at night with passing cars",
+)
 
 
 def uniform_refresh(steps: int, reuse: int) -> list[int]:
@@ -94,3 +106,17 @@ def measure_drift(pipe, prompts: Sequence[str], seeds: Sequence[int] = (0,), **c
             total = rel if total is None else total + rel
     count = len(seeds) * len(trace[0])
     return total / count
+
+
+def save_schedule(folder: str | Path, refresh: Sequence[int], steps: int) -> Path:
+    """Make `refresh` the default schedule of the model folder (its motif_video.json, other settings kept), with
+    the smallest uniform factor of the same budget as the fallback at other step counts."""
+    path = Path(folder) / "motif_video.json"
+    data = json.loads(path.read_text()) if path.is_file() else {}
+    generation = data.setdefault("generation", {})
+    generation["encoder_refresh"] = check_refresh(refresh, steps)
+    generation["encoder_reuse"] = -(-steps // len(generation["encoder_refresh"]))
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2) + "\n")
+    os.replace(tmp, path)
+    return path
