@@ -34,8 +34,8 @@ def run(args) -> int:
     import torch
 
     from ..errors import MotifVideoError
-    from ..pipeline.encoder_schedule import (CALIBRATION_PROMPTS, measure_drift, plan_refresh, reuse_error,
-                                             save_schedule, uniform_refresh)
+    from ..pipeline.encoder_schedule import (CALIBRATION_PROMPTS, fallback_reuse, measure_drift, plan_refresh,
+                                             reuse_error, save_schedule, uniform_refresh)
     from ..pipeline.pipeline import MotifVideoPipeline
 
     torch.set_grad_enabled(False)
@@ -52,7 +52,7 @@ def run(args) -> int:
     drift = measure_drift(pipe, prompts, args.seeds, num_inference_steps=steps, height=args.height,
                           width=args.width, num_frames=args.frames)
     refresh = plan_refresh(drift, args.budget)
-    uniform_reuse = -(-steps // args.budget)  # the smallest uniform factor within the same budget
+    uniform_reuse = fallback_reuse(steps, args.budget)
     uniform = uniform_refresh(steps, uniform_reuse)
     print(f"encoder drift between neighbouring steps: {' '.join(f'{drift[i, i - 1]:.3f}' for i in range(1, steps))}")
     print(f"planned refresh steps ({args.budget} of {steps}): {','.join(map(str, refresh))}  "

@@ -23,7 +23,7 @@ class NanoPlan:
     codec_from: str | None = None  # a trained codec folder to reuse instead of training one
     teacher_from: str | None = None  # a trained teacher folder to reuse instead of training one
     generation: dict = field(default_factory=lambda: {
-        "height": 64, "width": 64, "num_frames": 17, "num_inference_steps": 20, "guidance_scale": 4.0,
+        "height": 64, "width": 64, "num_frames": 17, "num_inference_steps": 20, "guidance_scale": 2.0,
         "guider": "cfg", "shift": 3.0, "image_shift": 3.0, "solver": "euler", "fps": 8, "negative_prompt": "",
         "max_sequence_length": 64,
     })

@@ -93,15 +93,16 @@ def export_transformer(run_dir: Path, model_dir: Path) -> None:
     save_state_dict_folder(state, config.to_diffusers_json(), model_dir / "transformer", 1 << 40)
 
 
-def evaluate(model_dir: Path, prompts_file: Path, out_dir: Path, limit: int, steps: int, seed: int = 0,
+def evaluate(model: Path | object, prompts_file: Path, out_dir: Path, limit: int, steps: int, seed: int = 0,
              batch: int = 8, **generate_kwargs) -> dict:
-    """Generate one clip per held-out prompt and score it with the analytic evaluator."""
+    """Generate one clip per held-out prompt with a model folder (or a loaded pipeline) and score it with the
+    analytic evaluator."""
     from ..cli import main as cli_main
     from ..pipeline.pipeline import MotifVideoPipeline
     from ..pipeline.video_io import write_video
 
     rows = [json.loads(line) for line in prompts_file.read_text().splitlines() if line.strip()][:limit]
-    pipe = MotifVideoPipeline.from_pretrained(model_dir, device="cpu")
+    pipe = model if isinstance(model, MotifVideoPipeline) else MotifVideoPipeline.from_pretrained(model, device="cpu")
     clips = out_dir / "clips"
     clips.mkdir(parents=True, exist_ok=True)
     records = []

@@ -42,6 +42,11 @@ def uniform_refresh(steps: int, reuse: int) -> list[int]:
     return list(range(0, steps, reuse))
 
 
+def fallback_reuse(steps: int, budget: int) -> int:
+    """The largest uniform reuse factor with at least `budget` encoder runs over `steps` steps."""
+    return max(1, steps // budget)
+
+
 def check_refresh(refresh: Sequence[int], steps: int) -> list[int]:
     """Sorted, de-duplicated refresh steps; they must lie in [0, steps) and include step 0 (nothing to reuse yet)."""
     out = sorted({int(i) for i in refresh})
@@ -110,12 +115,12 @@ def measure_drift(pipe, prompts: Sequence[str], seeds: Sequence[int] = (0,), **c
 
 def save_schedule(folder: str | Path, refresh: Sequence[int], steps: int) -> Path:
     """Make `refresh` the default schedule of the model folder (its motif_video.json, other settings kept), with
-    the smallest uniform factor of the same budget as the fallback at other step counts."""
+    the largest uniform factor that runs the encoder at least as often as the fallback at other step counts."""
     path = Path(folder) / "motif_video.json"
     data = json.loads(path.read_text()) if path.is_file() else {}
     generation = data.setdefault("generation", {})
     generation["encoder_refresh"] = check_refresh(refresh, steps)
-    generation["encoder_reuse"] = -(-steps // len(generation["encoder_refresh"]))
+    generation["encoder_reuse"] = fallback_reuse(steps, len(generation["encoder_refresh"]))
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(data, indent=2) + "\n")
     os.replace(tmp, path)
