@@ -93,6 +93,7 @@ def test_calibrate_writes_the_default_schedule(model_dir, tmp_path, capsys):
     (folder / "motif_video.json").write_text(json.dumps({"generation": {"num_inference_steps": steps, **SIZE}}))
     assert cli_main(["calibrate-reuse", str(folder), "--budget", "2", "--prompt", "a red square", "--steps", "4",
                      "--device", "cpu"]) == 0
+    assert torch.is_grad_enabled()  # the command leaves the process's autograd state alone
     assert "planned refresh steps (2 of 4)" in capsys.readouterr().out
     assert cli_main(["calibrate-reuse", str(folder), "--budget", "9", "--device", "cpu"]) == 2  # over the steps
     assert cli_main(["calibrate-reuse", str(folder), "--budget", "2", "--prompt", "a red square", "--write",

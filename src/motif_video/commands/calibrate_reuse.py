@@ -31,14 +31,11 @@ def register(subparsers) -> None:
 
 
 def run(args) -> int:
-    import torch
-
     from ..errors import MotifVideoError
     from ..pipeline.encoder_schedule import (CALIBRATION_PROMPTS, fallback_reuse, measure_drift, plan_refresh,
                                              reuse_error, save_schedule, uniform_refresh)
     from ..pipeline.pipeline import MotifVideoPipeline
 
-    torch.set_grad_enabled(False)
     pipe = MotifVideoPipeline.from_pretrained(args.model, device=args.device)
     steps = args.steps or pipe.defaults.num_inference_steps
     if not 1 <= args.budget <= steps:

@@ -132,8 +132,7 @@ def calibrate_encoder_reuse(model_dir: Path, budget: int) -> list[int]:
     from ..pipeline.pipeline import MotifVideoPipeline
 
     pipe = MotifVideoPipeline.from_pretrained(model_dir, device="cpu")
-    with torch.no_grad():
-        refresh = plan_refresh(measure_drift(pipe, CALIBRATION_PROMPTS), budget)
+    refresh = plan_refresh(measure_drift(pipe, CALIBRATION_PROMPTS), budget)
     save_schedule(model_dir, refresh, pipe.defaults.num_inference_steps)
     return refresh
 
