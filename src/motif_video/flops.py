@@ -144,7 +144,7 @@ def forward_flops(c: TransformerConfig, num_video: int, text_tokens: int, image_
 
 
 def encoder_runs(steps: int, reuse: int) -> int:
-    """Steps on which the encoder runs with `encoder_reuse=reuse` (the pipeline refreshes when step % reuse == 0)."""
+    """Steps on which the encoder runs with `encoder_reuse=reuse`: len(pipeline.encoder_schedule.uniform_refresh)."""
     return math.ceil(steps / reuse)
 
 

@@ -341,9 +341,9 @@ class MotifVideoPipeline:
         scheduler = make_scheduler(solver or d.solver, shift, steps, device=device)
         guidance = make_guidance(guider or d.guider, scale, norm_threshold=d.apg_norm_threshold,
                                  momentum=d.apg_momentum, eta=d.apg_eta) if use_guidance else None
-        refresh = self._encoder_refresh(steps, encoder_reuse, encoder_refresh, exact=encoder_trace is not None)
-        share = len(refresh) < steps or encoder_trace is not None
-        caches = [EncoderCache() if share else None for _ in conditions]
+        tracing = encoder_trace is not None  # exact sampling, with caches that expose every step's encoder output
+        refresh = set(range(steps)) if tracing else self._encoder_refresh(steps, encoder_reuse, encoder_refresh)
+        caches = [EncoderCache() if tracing or len(refresh) < steps else None for _ in conditions]
         self._activate(self.transformer)
         for i, t in enumerate(tqdm(scheduler.timesteps, desc="denoising", disable=not progress, leave=False)):
             velocities = []
@@ -377,12 +377,10 @@ class MotifVideoPipeline:
 
         return [[Image.fromarray((f * 255).round().astype(np.uint8)) for f in clip] for clip in frames]
 
-    def _encoder_refresh(self, steps: int, reuse: int | None, refresh: list[int] | None, exact: bool) -> set[int]:
+    def _encoder_refresh(self, steps: int, reuse: int | None, refresh: list[int] | None) -> set[int]:
         """The steps that run the encoder: explicit steps, else an explicit reuse factor, else the model's
         calibrated schedule (at its step count), else its reuse factor."""
         d = self.defaults
-        if exact:
-            return set(range(steps))
         if refresh is not None:
             return set(check_refresh(refresh, steps))
         if reuse is None and d.encoder_refresh is not None and steps == d.num_inference_steps:
