@@ -40,9 +40,10 @@ SIZES = ("small", "large")
 BACKGROUND = (18, 18, 22)
 
 # Half the side of the object's bounding box, as a fraction of the frame side. The gap between the two ranges
-# keeps "small" and "large" apart even after the per-clip jitter. "Small" is still 2-3 latent pixels wide at 64x64:
-# below that the 8x codec rounds the corners off squares and triangles, and no model could show the shape.
-HALF_EXTENT = {"small": (0.13, 0.16), "large": (0.22, 0.26)}
+# keeps "small" and "large" apart even after the per-clip jitter. "Small" is 22-26 px, about 3 latent pixels at
+# 64x64: at 17-20 px the codec kept most small squares but the transformer rounded every one of them into a circle
+# (docs/nano.md, "Small squares and the token grid").
+HALF_EXTENT = {"small": (0.17, 0.20), "large": (0.26, 0.29)}
 # Total travel over a moving clip, as a fraction of the frame side (capped by the room the object has).
 TRAVEL = (0.30, 0.50)
 MARGIN_PX = 2.0  # clear of the border (anti-aliasing reaches ~1 px past an acute vertex), so never cut off
