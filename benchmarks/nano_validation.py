@@ -25,21 +25,24 @@ def main() -> None:
     parser.add_argument("model", type=Path, help="a nano model folder")
     parser.add_argument("--prompts", type=int, default=210, help="held-out-wording prompts")
     parser.add_argument("--seed", type=int, default=2, help="prompt seed (the benchmark's is 0)")
-    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--steps", type=int, default=None, help="Euler steps (default: the model's)")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/nano_validation"))
     args = parser.parse_args()
 
     from motif_video.nano.data import heldout_prompts
     from motif_video.nano.recipe import evaluate
+    from motif_video.pipeline.pipeline import MotifVideoPipeline
 
     torch.set_grad_enabled(False)
+    pipe = MotifVideoPipeline.from_pretrained(args.model, device="cpu")  # loaded once for both samplings
+    steps = args.steps or pipe.defaults.num_inference_steps
     args.out.mkdir(parents=True, exist_ok=True)
     prompts_file = args.out / "prompts.jsonl"
     prompts_file.write_text("".join(json.dumps(p) + "\n" for p in heldout_prompts(args.prompts, seed=args.seed)))
     lines = ["| sampling | colour | shape | direction | all correct | subject consistency |",
              "|---|---:|---:|---:|---:|---:|"]
     for index, (name, setting) in enumerate(SAMPLINGS.items()):
-        summary = evaluate(args.model, prompts_file, args.out / f"sampling_{index}", args.prompts, args.steps,
+        summary = evaluate(pipe, prompts_file, args.out / f"sampling_{index}", args.prompts, steps,
                            seed=0, **setting)["summary"]
         cells = [f"{100 * summary[key]:.1f} %" for key in COLUMNS[:-1]] + [f"{summary[COLUMNS[-1]]:.3f}"]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
