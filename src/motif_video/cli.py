@@ -7,7 +7,7 @@ import argparse
 import importlib
 import sys
 
-from .errors import MotifVideoError
+from .errors import GenerationInterrupted, MotifVideoError
 
 # Subcommand modules, in the order `--help` lists them.
 COMMANDS = [
@@ -52,7 +52,7 @@ def main(argv: list[str] | None = None) -> int:
     except MotifVideoError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, GenerationInterrupted):
         print("interrupted", file=sys.stderr)
         return 130
 

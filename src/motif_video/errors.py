@@ -11,3 +11,12 @@ class CheckpointError(MotifVideoError):
 
 class ConfigError(MotifVideoError):
     """A config value or preset name is invalid."""
+
+
+class GenerationInterrupted(Exception):
+    """Generation was stopped between two steps (a step callback returned True, or the interrupt event was set).
+    `step`: how many steps had completed. Not a user error: the CLI exits 130 and writes no file."""
+
+    def __init__(self, step: int):
+        super().__init__(f"generation interrupted after step {step}")
+        self.step = step

@@ -14,13 +14,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 from ..errors import CheckpointError, MotifVideoError
 from ..hub import resolve_model_dir
 from ..model.transformer import EncoderCache, MotifVideoTransformer
 from .encoder_schedule import check_refresh, uniform_refresh
 from .guidance import make_guidance
+from .hooks import StepCallback, StepHooks
 from .sampler import make_scheduler
 from .text import PromptEncoder, check_prompt, pad_and_stack
 from .vae import LatentCodec
@@ -140,6 +140,15 @@ def check_video_size(height: int, width: int, num_frames: int, temporal: int = 4
         raise MotifVideoError(f"frames must be {temporal}k+1 (e.g. 17, 33, 121), got {num_frames}")
     if height < spatial or width < spatial or height % spatial or width % spatial:
         raise MotifVideoError(f"height and width must be positive multiples of {spatial}, got {height}x{width}")
+
+
+def initial_noise(shape: tuple[int, ...], generator) -> torch.Tensor:
+    """Standard normal latents; with a list of generators, clip i draws from generator i alone."""
+    if isinstance(generator, (list, tuple)):
+        if len(generator) != shape[0]:
+            raise MotifVideoError(f"{len(generator)} generators for a batch of {shape[0]}")
+        return torch.cat([initial_noise((1, *shape[1:]), g) for g in generator])
+    return torch.randn(shape, generator=generator, device=generator.device if generator else "cpu")
 
 
 class MotifVideoPipeline:
@@ -278,6 +287,9 @@ class MotifVideoPipeline:
         batch_guidance: bool | None = None,
         progress: bool = True,
         encoder_trace: list | None = None,
+        callback: StepCallback | None = None,
+        preview: bool = False,
+        interrupt=None,
     ):
         """Generate videos. Returns frames: "np" float (B, T, H, W, 3) in [0, 1], "pt" (B, T, 3, H, W), "pil" lists.
 
@@ -288,6 +300,12 @@ class MotifVideoPipeline:
         instead; `encoder_reuse=1` is exact. Unset, both come from the model's defaults (`encoder_refresh` applies
         at the default step count only). `encoder_trace`: a list that receives, per step, the encoder's output of
         each guidance branch (exact sampling; for `encoder_schedule.measure_drift`).
+
+        `callback(StepInfo)` runs after every step (`hooks.StepInfo`: step, timestep, latents, and with
+        `preview=True` the predicted clean first frame as uint8). Returning True from it, or setting `interrupt`
+        (a threading.Event), stops before the next step with `hooks.GenerationInterrupted`; nothing is decoded.
+        `generator` may be a list with one generator per prompt: each clip's noise then depends on its own seed only,
+        so a clip comes out the same whatever it is batched with.
         """
         d = self.defaults
         prompts = check_prompt(prompt)
@@ -324,7 +342,7 @@ class MotifVideoPipeline:
         latent_frames, latent_h, latent_w = self.codec.latent_shape(num_frames, height, width)
         shape = (batch, self.codec.latent_channels, latent_frames, latent_h, latent_w)
         if latents is None:
-            latents = torch.randn(shape, generator=generator, device=generator.device if generator else "cpu")
+            latents = initial_noise(shape, generator)
         elif tuple(latents.shape) != shape:
             raise MotifVideoError(f"latents must have shape {shape}, got {tuple(latents.shape)}")
         latents = latents.to(device, torch.float32)
@@ -345,7 +363,9 @@ class MotifVideoPipeline:
         refresh = set(range(steps)) if tracing else self._encoder_refresh(steps, encoder_reuse, encoder_refresh)
         caches = [EncoderCache() if tracing or len(refresh) < steps else None for _ in conditions]
         self._activate(self.transformer)
-        for i, t in enumerate(tqdm(scheduler.timesteps, desc="denoising", disable=not progress, leave=False)):
+        hooks = StepHooks(steps, callback, interrupt, progress, self._preview if preview else None)
+        for i, t in enumerate(scheduler.timesteps):
+            hooks.check(i)
             velocities = []
             for (text, text_mask), cache in zip(conditions, caches):
                 if cache is not None:
@@ -360,7 +380,9 @@ class MotifVideoPipeline:
             velocity = torch.cat(velocities)
             if guidance is not None:
                 velocity = guidance(*velocity.chunk(2))
-            latents = scheduler.step(velocity, t, latents, return_dict=False)[0]
+            before, latents = latents, scheduler.step(velocity, t, latents, return_dict=False)[0]
+            hooks.step_end(i, t, latents, before, velocity)
+        hooks.close()
 
         if output_type == "latent":
             return latents
@@ -376,6 +398,15 @@ class MotifVideoPipeline:
         from PIL import Image
 
         return [[Image.fromarray((f * 255).round().astype(np.uint8)) for f in clip] for clip in frames]
+
+    def _preview(self, latents: torch.Tensor, velocity: torch.Tensor, sigma: float) -> np.ndarray:
+        """The first frame of the predicted clean video, x0 = x_t - sigma * v, decoded alone (the causal VAE decodes
+        its first latent frame on its own, so this costs one frame of decoding)."""
+        self._activate(self.codec.vae)
+        first = (latents[:, :, :1] - sigma * velocity[:, :, :1]).to(self.execution_device)
+        frame = ((self.codec.decode(first)[:, :, 0] + 1) * 127.5).round().clamp(0, 255)  # (B, 3, H, W)
+        self._activate(self.transformer)
+        return frame.permute(0, 2, 3, 1).to(torch.uint8).cpu().numpy()
 
     def _encoder_refresh(self, steps: int, reuse: int | None, refresh: list[int] | None) -> set[int]:
         """The steps that run the encoder: explicit steps, else an explicit reuse factor, else the model's
