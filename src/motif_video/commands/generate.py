@@ -25,6 +25,9 @@ def register(subparsers) -> None:
     p.add_argument("--model", default=None, help="model folder or hub id (default: the shipped nano model)")
     p.add_argument("--gguf", default=None, help="GGUF transformer file to use instead of the folder's transformer")
     p.add_argument("--image", default=None, help="first frame (PNG/JPEG) for image-to-video")
+    p.add_argument("--lora", action="append", default=None, metavar="PATH[:SCALE]",
+                   help="LoRA adapter (a file, or the lora/ folder training writes; diffusers, ComfyUI/kohya or "
+                        "original-layout keys) with an optional scale, default 1; repeat for several adapters")
     p.add_argument("--height", type=int, default=None, help="pixels, multiple of 16")
     p.add_argument("--width", type=int, default=None, help="pixels, multiple of 16")
     p.add_argument("--frames", type=int, default=None, help="frame count, 4k+1 (e.g. 17, 33, 121)")
@@ -68,6 +71,7 @@ def run(args) -> int:
     import torch
 
     from ..errors import MotifVideoError
+    from ..lora.loader import apply_lora_specs, read_lora_specs
     from ..model.attention import set_attention_backend
     from ..pipeline.pipeline import MotifVideoPipeline, check_video_size, generate_to_file
     from ..pipeline.text import check_prompt
@@ -80,6 +84,7 @@ def run(args) -> int:
         raise MotifVideoError(f"image file not found: {args.image}")
     if args.gguf is not None and not Path(args.gguf).is_file():
         raise MotifVideoError(f"GGUF file not found: {args.gguf}")
+    loras = read_lora_specs(args.lora or [])
     out = Path(args.output)
     if out.suffix.lower() not in (".mp4", ".gif", ""):
         raise MotifVideoError(f"unsupported output {out.name}: use .mp4, .gif, or a folder name for PNG frames")
@@ -98,6 +103,7 @@ def run(args) -> int:
     dtype = getattr(torch, DTYPES[args.dtype]) if args.dtype else None
     pipe = MotifVideoPipeline.from_pretrained(model, gguf=args.gguf, device=args.device, dtype=dtype,
                                               offload=args.offload)
+    apply_lora_specs(pipe, loras)
     if args.vae_tiling:
         pipe.enable_vae_tiling()
     if args.compile:

@@ -17,6 +17,7 @@ import torch
 
 from ..errors import CheckpointError, MotifVideoError
 from ..hub import resolve_model_dir
+from ..lora.loader import LoraLoaderMixin
 from ..model.transformer import EncoderCache, MotifVideoTransformer
 from .encoder_schedule import check_refresh, uniform_refresh
 from .guidance import make_guidance
@@ -151,7 +152,7 @@ def initial_noise(shape: tuple[int, ...], generator) -> torch.Tensor:
     return torch.randn(shape, generator=generator, device=generator.device if generator else "cpu")
 
 
-class MotifVideoPipeline:
+class MotifVideoPipeline(LoraLoaderMixin):
     def __init__(self, transformer: MotifVideoTransformer, vae, text_encoder, tokenizer, image_processor=None,
                  defaults: GenerationDefaults | None = None):
         self.transformer = transformer
