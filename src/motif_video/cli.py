@@ -13,6 +13,7 @@ from .errors import GenerationInterrupted, MotifVideoError
 COMMANDS = [
     "generate",
     "convert",
+    "convert_lora",
     "quantize",
     "train",
     "cache",

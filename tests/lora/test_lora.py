@@ -223,3 +223,167 @@ def test_lora_spec_parsing():
     assert parse_lora_spec("a/b.safetensors:0.5") == ("a/b.safetensors", 0.5)
     assert parse_lora_spec("runs/x:y/lora:-1") == ("runs/x:y/lora", -1.0)
     assert parse_lora_spec("runs/x:y/lora") == ("runs/x:y/lora", 1.0)
+
+
+def test_compiled_blocks_follow_loads_and_weight_changes_without_retracing(tmp_path):
+    from torch._dynamo.testing import CompileCounter
+
+    model = tiny()
+    reference = copy.deepcopy(model)
+    targets = {k: v for k, v in UNIFORM.items() if k.startswith("transformer_blocks.0.")}
+    factors = random_factors(model, targets)
+    counter = CompileCounter()
+    model.transformer_blocks[0].compile(backend=counter, dynamic=False)  # what compile_transformer does per block
+    base = run(model)
+    pipe = Holder(model)
+    pipe.load_lora_weights(in_style(factors, "comfyui", tmp_path), adapter_name="a")
+    assert rel_err(run(model), run(hand_merged(reference, (factors, 1.0)))) < 1e-5
+    traced = counter.frame_count
+    pipe.set_adapters("a", 0.3)  # the scale is a tensor buffer: no new trace
+    assert rel_err(run(model), run(hand_merged(reference, (factors, 0.3)))) < 1e-5
+    assert counter.frame_count == traced
+    pipe.unload_lora_weights()
+    assert torch.equal(run(model), base)
+
+
+def test_diffusers_loads_what_convert_lora_writes(tmp_path, capsys):
+    model = tiny()
+    model.save_pretrained(tmp_path / "base")
+    factors = random_factors(model, UNTIED_TARGETS)  # mixed ranks and alphas: rank_pattern / alpha_pattern
+    source = in_style(factors, "kohya", tmp_path)
+    Holder(model).load_lora_weights(source)
+    expected = run(model)
+
+    assert cli_main(["convert-lora", str(source), str(tmp_path / "out"), "--to", "diffusers"]) == 0
+    assert "9 layers" in capsys.readouterr().out
+    reference = MotifVideoTransformer3DModel.from_pretrained(tmp_path / "base").eval()
+    reference.load_lora_adapter(str(tmp_path / "out"), weight_name="pytorch_lora_weights.safetensors",
+                                prefix="transformer")
+    with torch.no_grad():
+        got = reference(*inputs(model.config), return_dict=False)[0]
+    assert rel_err(got, expected) < 1e-5
+
+    # ComfyUI style and back: the same factors and alphas
+    assert cli_main(["convert-lora", str(tmp_path / "out"), str(tmp_path / "c.safetensors"), "--to", "comfyui"]) == 0
+    back = read_adapter(tmp_path / "c.safetensors")
+    assert set(back) == set(factors)
+    for name, (a, b, alpha) in factors.items():  # alpha / rank is folded into B in the diffusers file
+        assert torch.equal(back[name].down, a) and back[name].alpha == back[name].rank
+        assert torch.allclose(back[name].up, alpha / a.shape[0] * b, rtol=1e-6, atol=0)
+
+
+def test_tied_adapter_carries_over_to_the_diffusers_layout(tmp_path, capsys):
+    model = tiny("tied")
+    with torch.no_grad():  # a foldable query LayerNorm (zero bias), as `convert --to diffusers` requires
+        for block in model.single_transformer_blocks:
+            if block.cross_attn is not None:
+                block.cross_attn.query_norm.bias.zero_()
+    model.save_pretrained(tmp_path / "tied")
+    targets = {**{k: (4, 6.0) for k in TIED_TARGETS}, "single_transformer_blocks.0.attn.to_v": (4, 6.0)}
+    factors = random_factors(model, targets)
+    source = in_style(factors, "ours", tmp_path)
+    Holder(model).load_lora_weights(source)
+    expected = run(model)
+
+    out = tmp_path / "lora.safetensors"
+    assert cli_main(["convert-lora", str(source), str(out), "--to", "diffusers"]) == 2  # tied names need --model
+    assert "--model" in capsys.readouterr().err
+    assert cli_main(["convert-lora", str(source), str(out), "--to", "diffusers", "--model", str(tmp_path / "tied")]) == 0
+    assert cli_main(["convert", str(tmp_path / "tied"), str(tmp_path / "untied"), "--to", "diffusers"]) == 0
+    reference = MotifVideoTransformer3DModel.from_pretrained(tmp_path / "untied").eval()
+    reference.load_lora_adapter(str(out), prefix="transformer")
+    with torch.no_grad():
+        got = reference(*inputs(model.config), return_dict=False)[0]
+    assert rel_err(got, expected) < 1e-5
+    # and our own untied model refuses the tied file with a hint instead of dropping the query update
+    with pytest.raises(CheckpointError, match="tied-layout model"):
+        Holder(MotifVideoTransformer.from_pretrained(tmp_path / "untied")).load_lora_weights(source)
+
+
+def test_gguf_base_applies_the_update_on_the_fly(tmp_path):
+    from gguf import GGMLQuantizationType as Q
+
+    from motif_video.convert.gguf import GGUFLinear, model_nbytes, write_gguf
+    from tests.convert.test_gguf import tiny_config, tiny_model
+
+    cfg = tiny_config()
+    path = write_gguf(tiny_model(cfg).state_dict(), tmp_path / "t.gguf", Q.Q8_0, config_json=cfg.to_diffusers_json(),
+                      progress=False)
+    quantised = MotifVideoTransformer.from_single_file(path).eval()
+    alone = model_nbytes(quantised)
+    dequantised = copy.deepcopy(quantised)  # the reference: every quantised layer as a plain nn.Linear
+    for name, layer in list(dequantised.named_modules()):
+        if isinstance(layer, GGUFLinear):
+            plain = torch.nn.Linear(layer.in_features, layer.out_features)
+            with torch.no_grad():
+                plain.weight.copy_(layer.dequantized_weight())
+                plain.bias.copy_(layer.bias)
+            parent, _, child = name.rpartition(".")
+            setattr(dequantised.get_submodule(parent), child, plain)
+    layers = {n: type(m) for n, m in quantised.named_modules()}
+    targets = {n: (8, 16.0) for n in ("transformer_blocks.0.attn.to_q", "transformer_blocks.0.ff.net.2",
+                                      "single_transformer_blocks.0.proj_out", "single_transformer_blocks.1.cross_attn.to_v")}
+    assert all(layers[n] is GGUFLinear for n in targets)
+    factors = random_factors(quantised, targets)
+    source = in_style(factors, "comfyui", tmp_path)
+
+    pipe = Holder(quantised)
+    pipe.load_lora_weights(source)
+    Holder(dequantised).load_lora_weights(source)
+    assert rel_err(run(quantised), run(dequantised)) < 1e-4
+    assert all(isinstance(quantised.get_submodule(n).base, GGUFLinear) for n in targets)  # still the bytes
+    adapter_bytes = sum((a.numel() + b.numel()) * 4 for a, b, _ in factors.values())
+    assert model_nbytes(quantised) <= 1.1 * (alone + adapter_bytes)
+    with pytest.raises(MotifVideoError, match="quantised layer"):
+        pipe.fuse_lora()
+    pipe.unload_lora_weights()
+    assert {n: type(m) for n, m in quantised.named_modules()} == layers and model_nbytes(quantised) == alone
+
+
+BAD = {
+    "nothing": ({"transformer.transformer_blocks.7.attn.to_q.lora_A.weight": torch.zeros(2, 32),
+                 "transformer.transformer_blocks.7.attn.to_q.lora_B.weight": torch.zeros(32, 2)},
+                "transformer.transformer_blocks.7.attn.to_q.lora_A.weight matches no layer"),
+    "shape": ({"diffusion_model.transformer_blocks.0.attn.to_q.lora_down.weight": torch.zeros(2, 31),
+               "diffusion_model.transformer_blocks.0.attn.to_q.lora_up.weight": torch.zeros(32, 2)},
+              "to_q.lora_down.weight: rank-2 factors (2, 31) and (32, 2) do not fit"),
+    "rank": ({"lora_unet_proj_out.lora_down.weight": torch.zeros(3, 32),
+              "lora_unet_proj_out.lora_up.weight": torch.zeros(16, 2)},
+             "lora_unet_proj_out.lora_down.weight: factors of shapes (3, 32) and (16, 2)"),
+    "half": ({"transformer.proj_out.lora_B.weight": torch.zeros(16, 2)},
+             "transformer.proj_out.lora_B.weight has no matching lora_A"),
+    "norm": ({"transformer.transformer_blocks.0.attn.norm_q.lora_A.weight": torch.zeros(2, 16),
+              "transformer.transformer_blocks.0.attn.norm_q.lora_B.weight": torch.zeros(16, 2)},
+             "norm_q is a RMSNorm, not a linear layer"),
+    "foreign": ({"transformer.proj_out.weight": torch.zeros(16, 32)},
+                "transformer.proj_out.weight is not a LoRA factor"),
+    "kohya": ({"lora_unet_down_blocks_0_to_q.lora_down.weight": torch.zeros(2, 32),
+               "lora_unet_down_blocks_0_to_q.lora_up.weight": torch.zeros(32, 2)},
+              "lora_unet_down_blocks_0_to_q.lora_down.weight names no module"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD))
+def test_bad_adapters_name_the_first_bad_key_and_change_nothing(case, tmp_path):
+    tensors, message = BAD[case]
+    model = tiny()
+    before = run(model)
+    with pytest.raises(CheckpointError) as error:
+        Holder(model).load_lora_weights({**tensors})
+    assert message in str(error.value) and "\n" not in str(error.value)
+    assert not runtime.lora_layers(model) and torch.equal(run(model), before)
+
+
+def test_api_misuse_is_a_clear_error(tmp_path):
+    model = tiny()
+    pipe = Holder(model)
+    source = in_style(random_factors(model, UNIFORM), "ours", tmp_path)
+    pipe.load_lora_weights(source, adapter_name="a")
+    with pytest.raises(MotifVideoError, match="already loaded"):
+        pipe.load_lora_weights(source, adapter_name="a")
+    with pytest.raises(MotifVideoError, match="no adapter named 'b'"):
+        pipe.set_adapters(["a", "b"])
+    with pytest.raises(MotifVideoError, match="one number per adapter"):
+        pipe.set_adapters(["a"], [1.0, 2.0])
+    with pytest.raises(CheckpointError, match="no LoRA adapter at"):
+        pipe.load_lora_weights(tmp_path / "missing")

@@ -61,21 +61,30 @@ def _cross_blocks(state_dict: dict, marker: str) -> list[str]:
     return sorted({m.group(1) for k in state_dict if marker in k and (m := _CROSS_BLOCK.match(k))})
 
 
+def tied_cross_blocks(state_dict: dict) -> list[str]:
+    """The block prefixes (`single_transformer_blocks.3.`) that hold a tied cross-attention."""
+    return _cross_blocks(state_dict, ".cross_attn.query_proj.")
+
+
+def query_fold(state_dict: dict, block: str, bias_tolerance: float = 1e-6) -> torch.Tensor:
+    """diag(g) (I - 11^T / n) in float64: the map that takes a tied block's query projection to diffusers' to_q."""
+    g = state_dict[f"{block}cross_attn.query_norm.weight"].double()
+    beta = state_dict[f"{block}cross_attn.query_norm.bias"].double()
+    if beta.abs().max() > bias_tolerance:
+        raise CheckpointError(
+            f"{block}cross_attn.query_norm has a non-zero bias (max |b| = {beta.abs().max():.3g}); the query "
+            f"LayerNorm cannot be folded into the diffusers layout exactly. Keep this model in the tied/original "
+            f"layout")
+    n = g.shape[0]
+    return g[:, None] * (torch.eye(n, dtype=torch.float64) - 1.0 / n)
+
+
 def tied_to_diffusers(state_dict: dict, bias_tolerance: float = 1e-6) -> dict:
     out = {k: v for k, v in state_dict.items() if ".cross_attn." not in k}
-    for block in _cross_blocks(state_dict, ".cross_attn.query_proj."):
-        g = state_dict[f"{block}cross_attn.query_norm.weight"].double()
-        beta = state_dict[f"{block}cross_attn.query_norm.bias"].double()
-        if beta.abs().max() > bias_tolerance:
-            raise CheckpointError(
-                f"{block}cross_attn.query_norm has a non-zero bias (max |b| = {beta.abs().max():.3g}); the query "
-                f"LayerNorm cannot be folded into the diffusers layout exactly. Keep this model in the tied/original "
-                f"layout")
+    for block in tied_cross_blocks(state_dict):
+        fold = query_fold(state_dict, block, bias_tolerance)
         weight = state_dict[f"{block}cross_attn.query_proj.weight"]
         bias = state_dict[f"{block}cross_attn.query_proj.bias"]
-        n = weight.shape[0]
-        centering = torch.eye(n, dtype=torch.float64) - 1.0 / n
-        fold = g[:, None] * centering  # diag(g) (I - 11^T / n)
         out[f"{block}cross_attn.to_q.weight"] = (fold @ weight.double()).to(weight.dtype)
         out[f"{block}cross_attn.to_q.bias"] = (fold @ bias.double()).to(bias.dtype)
         for name in ("to_k.weight", "to_k.bias", "to_v.weight", "to_v.bias", "norm_q.weight", "norm_k.weight"):

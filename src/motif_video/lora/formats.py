@@ -27,7 +27,8 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from ..convert.layouts import original_to_tied, tied_to_original
+from ..convert.layouts import (detect_layout, original_to_tied, query_fold, tied_cross_blocks, tied_to_original,
+                               to_model_layout)
 from ..errors import CheckpointError
 from ..train.lora import METADATA_KEY, PREFIX, WEIGHT_NAME
 
@@ -207,11 +208,51 @@ def read_adapter(path_or_tensors) -> LoraAdapter:
     return parse_adapter(*read_adapter_file(path_or_tensors))
 
 
+# -- cross-attention forms -------------------------------------------------------------------------------------
+TIED_ONLY = (".cross_attn.query_proj", ".cross_attn.out_proj")
+
+
+def tied_adapter_to_diffusers(adapter: LoraAdapter, base_state_dict: dict) -> LoraAdapter:
+    """An adapter trained on a tied-form model -> the same update on that model's diffusers (untied) layout.
+
+    The tied cross-attention reads K/V through the block's own attn.to_k/to_v, which the diffusers layout copies
+    into cross_attn.to_k/to_v: those copies get the same factors. out_proj is to_out.0. The query update passes
+    through the LayerNorm fold like the weight itself: to_q = F (W + s B A) = F W + s (F B) A.
+    """
+    if detect_layout(base_state_dict) == "diffusers":
+        return adapter
+    base = to_model_layout(base_state_dict, "tied")
+    blocks = tied_cross_blocks(base)
+    out: LoraAdapter = {}
+    for name, f in adapter.items():
+        block = next((b for b in blocks if name.startswith(b)), None)
+        rest = name[len(block):] if block else None
+        if rest == "cross_attn.query_proj":
+            up = (query_fold(base, block) @ f.up.double()).to(f.up.dtype)
+            out[f"{block}cross_attn.to_q"] = LoraFactors(f.down, up, f.alpha, f.key)
+        elif rest == "cross_attn.out_proj":
+            out[f"{block}cross_attn.to_out.0"] = f
+        else:
+            out[name] = f
+            if rest in ("attn.to_k", "attn.to_v"):
+                out[f"{block}cross_attn.{rest[len('attn.'):]}"] = f
+    return out
+
+
+def check_untied(adapter: LoraAdapter) -> None:
+    for name, f in adapter.items():
+        if name.endswith(TIED_ONLY):
+            raise CheckpointError(
+                f"LoRA key {f.key} targets the tied cross-attention ({name}), which the diffusers layout does not "
+                f"have; pass the model it was trained on (--model) so the update can be carried over exactly")
+
+
 # -- writing -----------------------------------------------------------------------------------------------------
 def _write(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
-    save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata)
+    # clone: a factor may serve two layers (tied K/V carried over to both copies), and safetensors refuses shared memory
+    save_file({k: v.detach().cpu().clone() for k, v in tensors.items()}, str(tmp), metadata=metadata)
     os.replace(tmp, path)
     return path
 
@@ -219,20 +260,22 @@ def _write(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str
 def diffusers_tensors(adapter: LoraAdapter) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """diffusers' `load_lora_adapter` format: `transformer.` keys, lora_A/lora_B, the LoraConfig in the header.
 
-    The most common (rank, alpha) is the config's r / lora_alpha; other modules go in rank_pattern /
-    alpha_pattern with diffusers' own `^<module>` keys."""
+    alpha / rank is folded into lora_B (alpha = rank everywhere), because diffusers reads the header only when given
+    `weight_name`; without it, it assumes alpha = rank, which this file then satisfies. Ranks other than the most
+    common one go in rank_pattern, with diffusers' own `^<module>` keys."""
     if not adapter:
         raise CheckpointError("the LoRA adapter is empty")
-    common = max({(f.rank, f.alpha) for f in adapter.values()},
-                 key=lambda ra: sum((f.rank, f.alpha) == ra for f in adapter.values()))
-    config = {"r": common[0], "lora_alpha": common[1], "target_modules": sorted(adapter), "lora_dropout": 0.0,
-              "use_dora": False, "lora_bias": False,
-              "rank_pattern": {f"^{m}": f.rank for m, f in adapter.items() if f.rank != common[0]},
-              "alpha_pattern": {f"^{m}": f.alpha for m, f in adapter.items() if f.alpha != common[1]}}
+    ranks = [f.rank for f in adapter.values()]
+    common = max(set(ranks), key=ranks.count)
+    others = {f"^{m}": f.rank for m, f in adapter.items() if f.rank != common}
+    # target_modules as one regex of the full names: a list entry `proj_out` would also match every block's proj_out
+    targets = "(" + "|".join(re.escape(m) for m in sorted(adapter)) + ")"
+    config = {"r": common, "lora_alpha": common, "target_modules": targets, "lora_dropout": 0.0, "use_dora": False,
+              "lora_bias": False, "rank_pattern": others, "alpha_pattern": others}
     tensors = {}
     for module, f in adapter.items():
         tensors[f"{PREFIX}.{module}.lora_A.weight"] = f.down
-        tensors[f"{PREFIX}.{module}.lora_B.weight"] = f.up
+        tensors[f"{PREFIX}.{module}.lora_B.weight"] = (f.up.float() * f.scale).to(f.up.dtype)
     header = {"format": "pt", METADATA_KEY: json.dumps({f"{PREFIX}.{k}": v for k, v in config.items()},
                                                        sort_keys=True)}
     return tensors, header

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 from ..convert.gguf import GGUFLinear
 from ..errors import CheckpointError, MotifVideoError
-from .formats import LoraAdapter, LoraFactors
+from .formats import TIED_ONLY, LoraAdapter, LoraFactors
 
 _ADAPTER_NAME = re.compile(r"^[A-Za-z0-9_-]+$")
 # The same layer under the two cross-attention forms' names (the untied form's to_q/to_k/to_v have no tied
@@ -124,7 +124,9 @@ def bind(model: nn.Module, adapter: LoraAdapter) -> dict[str, LoraFactors]:
                     break
         layer = modules.get(target)
         if layer is None:
-            raise CheckpointError(f"LoRA key {factors.key} matches no layer of this model (no module {name})")
+            hint = ("; it was trained on a tied-layout model: carry it over with `motif-video convert-lora IN OUT "
+                    "--to diffusers --model THAT_MODEL`") if name.endswith(TIED_ONLY) else ""
+            raise CheckpointError(f"LoRA key {factors.key} matches no layer of this model (no module {name}){hint}")
         if not isinstance(layer, (nn.Linear, GGUFLinear, LoraLinear)):
             raise CheckpointError(f"LoRA key {factors.key}: {name} is a {type(layer).__name__}, not a linear layer")
         if factors.down.shape[1] != layer.in_features or factors.up.shape[0] != layer.out_features:
