@@ -71,7 +71,7 @@ def run(args) -> int:
     import torch
 
     from ..errors import MotifVideoError
-    from ..lora.loader import apply_lora_specs, read_lora_specs
+    from ..lora.loader import apply_lora_specs, check_adapters_fit, read_lora_specs
     from ..model.attention import set_attention_backend
     from ..pipeline.pipeline import MotifVideoPipeline, check_video_size, generate_to_file
     from ..pipeline.text import check_prompt
@@ -93,6 +93,7 @@ def run(args) -> int:
         if not (DEFAULT_MODEL_DIR / "model_index.json").is_file():
             raise MotifVideoError("no default model is shipped in this installation; pass --model FOLDER")
         model = DEFAULT_MODEL_DIR
+    check_adapters_fit(model, loras, gguf=args.gguf is not None)
 
     try:
         set_attention_backend(args.attention)
