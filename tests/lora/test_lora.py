@@ -215,6 +215,10 @@ def test_fuse_and_unfuse_round_trip(tmp_path):
     assert rel_err(run(model), unfused) < 1e-5
     assert all((model.state_dict()[k] - w).abs().max() < 1e-6 for k, w in weights.items())
     pipe.fuse_lora()
+    pipe.disable_lora()  # the base model's output, fused or not (PEFT unmerges on disable too)
+    assert rel_err(run(model), run(reference)) < 1e-6
+    pipe.enable_lora()
+    pipe.fuse_lora()
     pipe.unload_lora_weights()  # unfuses first
     assert all((model.state_dict()[k] - w).abs().max() < 1e-6 for k, w in weights.items())
 
@@ -289,7 +293,8 @@ def test_tied_adapter_carries_over_to_the_diffusers_layout(tmp_path, capsys):
     out = tmp_path / "lora.safetensors"
     assert cli_main(["convert-lora", str(source), str(out), "--to", "diffusers"]) == 2  # tied names need --model
     assert "--model" in capsys.readouterr().err
-    assert cli_main(["convert-lora", str(source), str(out), "--to", "diffusers", "--model", str(tmp_path / "tied")]) == 0
+    tied = str(tmp_path / "tied")
+    assert cli_main(["convert-lora", str(source), str(out), "--to", "diffusers", "--model", tied]) == 0
     assert cli_main(["convert", str(tmp_path / "tied"), str(tmp_path / "untied"), "--to", "diffusers"]) == 0
     reference = MotifVideoTransformer3DModel.from_pretrained(tmp_path / "untied").eval()
     reference.load_lora_adapter(str(out), prefix="transformer")
@@ -323,7 +328,8 @@ def test_gguf_base_applies_the_update_on_the_fly(tmp_path):
             setattr(dequantised.get_submodule(parent), child, plain)
     layers = {n: type(m) for n, m in quantised.named_modules()}
     targets = {n: (8, 16.0) for n in ("transformer_blocks.0.attn.to_q", "transformer_blocks.0.ff.net.2",
-                                      "single_transformer_blocks.0.proj_out", "single_transformer_blocks.1.cross_attn.to_v")}
+                                      "single_transformer_blocks.0.proj_out",
+                                      "single_transformer_blocks.1.cross_attn.to_v")}
     assert all(layers[n] is GGUFLinear for n in targets)
     factors = random_factors(quantised, targets)
     source = in_style(factors, "comfyui", tmp_path)

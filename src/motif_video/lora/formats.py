@@ -159,8 +159,11 @@ def _module_and_role(key: str) -> tuple[str, str]:
 def _pattern_value(patterns: dict, module: str):
     """A PEFT rank/alpha pattern's value for `module` (PEFT's rule: the pattern matches a dotted suffix)."""
     for pattern, value in patterns.items():
-        if re.match(rf"(.*\.)?({pattern})$", module):
-            return value
+        try:
+            if re.match(rf"(.*\.)?({pattern})$", module):
+                return value
+        except re.error as e:
+            raise CheckpointError(f"LoRA header: alpha_pattern {pattern!r} is not a valid pattern ({e})") from None
     return None
 
 
@@ -180,10 +183,9 @@ def parse_adapter(tensors: dict[str, torch.Tensor], header: dict[str, str] | Non
 
     adapter: LoraAdapter = {}
     for module, roles in parts.items():
-        for needed, partner in (("down", "up"), ("up", "down")):
-            if needed not in roles:
-                raise CheckpointError(f"LoRA key {roles[partner][0] if partner in roles else roles['alpha'][0]} "
-                                      f"has no matching {'lora_A/lora_down' if needed == 'down' else 'lora_B/lora_up'}")
+        if "down" not in roles or "up" not in roles:
+            missing = "lora_A/lora_down" if "down" not in roles else "lora_B/lora_up"
+            raise CheckpointError(f"LoRA key {next(iter(roles.values()))[0]} has no matching {missing}")
         (down_key, down), (up_key, up) = roles["down"], roles["up"]
         if down.ndim != 2 or up.ndim != 2 or up.shape[1] != down.shape[0]:
             raise CheckpointError(f"LoRA key {down_key}: factors of shapes {tuple(down.shape)} and "

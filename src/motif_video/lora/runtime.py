@@ -204,6 +204,9 @@ def set_adapters(model: nn.Module, names: str | list[str], weights: float | list
 
 
 def set_enabled(model: nn.Module, enabled: bool) -> None:
+    """Switch every adapter off (the base model's output: merged ones are unfused first, as PEFT does) or on."""
+    if not enabled:
+        unfuse(model)
     for layer in lora_layers(model).values():
         layer.enabled = enabled
 
@@ -230,15 +233,19 @@ def fuse(model: nn.Module, lora_scale: float = 1.0, names: list[str] | None = No
                 update.fused_scale = scale
 
 
+@torch.no_grad()
+def _unmerge(layer: LoraLinear, update: LowRankUpdate) -> None:
+    if update.fused_scale is not None:
+        weight = layer.base.weight
+        weight.copy_((weight.float() - update.delta(update.fused_scale)).to(weight.dtype))
+        update.fused_scale = None
+
+
 def unfuse(model: nn.Module) -> None:
     """Subtract every merged update again (the base weights come back up to float rounding)."""
-    with torch.no_grad():
-        for layer in lora_layers(model).values():
-            for update in layer.adapters.values():
-                if update.fused_scale is not None:
-                    weight = layer.base.weight
-                    weight.copy_((weight.float() - update.delta(update.fused_scale)).to(weight.dtype))
-                    update.fused_scale = None
+    for layer in lora_layers(model).values():
+        for update in layer.adapters.values():
+            _unmerge(layer, update)
 
 
 def fused_adapters(model: nn.Module) -> list[str]:
@@ -252,18 +259,13 @@ def delete_adapters(model: nn.Module, names: str | list[str]) -> None:
     """Remove adapters (unfusing them first); a layer left without adapters gets its original module back."""
     names = [names] if isinstance(names, str) else list(names)
     _check_names(model, names)
-    with torch.no_grad():
-        for layer_name, layer in lora_layers(model).items():
-            for name in names:
-                if name not in layer.adapters:
-                    continue
-                update = layer.adapters[name]
-                if update.fused_scale is not None:
-                    weight = layer.base.weight
-                    weight.copy_((weight.float() - update.delta(update.fused_scale)).to(weight.dtype))
+    for layer_name, layer in lora_layers(model).items():
+        for name in names:
+            if name in layer.adapters:
+                _unmerge(layer, layer.adapters[name])
                 del layer.adapters[name]
-            if not layer.adapters:
-                _replace(model, layer_name, layer.base)
+        if not layer.adapters:
+            _replace(model, layer_name, layer.base)
 
 
 def unload(model: nn.Module) -> None:
