@@ -394,3 +394,19 @@ def test_api_misuse_is_a_clear_error(tmp_path):
         pipe.set_adapters(["a"], [1.0, 2.0])
     with pytest.raises(CheckpointError, match="no LoRA adapter at"):
         pipe.load_lora_weights(tmp_path / "missing")
+
+
+def test_bf16_model_keeps_its_dtype_with_adapters(tmp_path):
+    model = tiny()
+    factors = random_factors(model, UNIFORM)
+    expected = run(hand_merged(model, (factors, 0.8)))
+    model = model.to(torch.bfloat16)
+    pipe = Holder(model)
+    pipe.load_lora_weights(in_style(factors, "comfyui", tmp_path), adapter_name="a")
+    pipe.set_adapters("a", 0.8)
+    layer = model.get_submodule("proj_out")
+    assert layer.adapters["a"].down.dtype == torch.bfloat16 and layer.adapters["a"].scale.dtype == torch.float32
+    x, t, text, mask, image = inputs(model.config)
+    with torch.no_grad():
+        got = model(x.bfloat16(), t, text.bfloat16(), mask, image.bfloat16())
+    assert got.dtype == torch.bfloat16 and rel_err(got.float(), expected) < 3e-2

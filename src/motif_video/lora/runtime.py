@@ -34,7 +34,8 @@ class LowRankUpdate(nn.Module):
         self.register_buffer("down", factors.down.to(device, dtype), persistent=False)  # (rank, in)
         self.register_buffer("up", factors.up.to(device, dtype), persistent=False)  # (out, rank)
         self.alpha = factors.alpha
-        self.register_buffer("scale", torch.tensor(factors.scale, device=device, dtype=dtype), persistent=False)
+        # float32 even for 16-bit factors: a weight like 0.8 would otherwise round to bf16's 0.80078
+        self.register_buffer("scale", torch.tensor(factors.scale, device=device), persistent=False)
         self.active = True
         self.fused_scale: float | None = None  # the scale merged into the base weight, subtracted again on unfuse
 
@@ -52,11 +53,12 @@ class LowRankUpdate(nn.Module):
 
 def _drop_base_prefix(module, state_dict, prefix, local_metadata):
     # keeps the model's state_dict keys those of the plain model (`to_q.weight`, not `to_q.base.weight`)
-    for key in [k for k in state_dict if k.startswith(prefix + "base.")]:
-        state_dict[prefix + key[len(prefix) + 5:]] = state_dict.pop(key)
+    inner = prefix + "base."
+    for key in [k for k in state_dict if k.startswith(inner)]:
+        state_dict[prefix + key[len(inner):]] = state_dict.pop(key)
 
 
-def _add_base_prefix(state_dict, prefix, *args):
+def _add_base_prefix(module, state_dict, prefix, *args):
     for key in [k for k in state_dict if k.startswith(prefix) and "." not in k[len(prefix):]]:
         state_dict[prefix + "base." + key[len(prefix):]] = state_dict.pop(key)
 
@@ -69,8 +71,8 @@ class LoraLinear(nn.Module):
         self.base = base
         self.adapters = nn.ModuleDict()
         self.enabled = True
-        self._register_state_dict_hook(_drop_base_prefix)
-        self._register_load_state_dict_pre_hook(_add_base_prefix)
+        self.register_state_dict_post_hook(_drop_base_prefix)
+        self.register_load_state_dict_pre_hook(_add_base_prefix)
 
     @property
     def in_features(self) -> int:
