@@ -410,3 +410,19 @@ def test_bf16_model_keeps_its_dtype_with_adapters(tmp_path):
     with torch.no_grad():
         got = model(x.bfloat16(), t, text.bfloat16(), mask, image.bfloat16())
     assert got.dtype == torch.bfloat16 and rel_err(got.float(), expected) < 3e-2
+
+
+@pytest.mark.parametrize("args, message", [
+    (["MISSING", "OUT/x.safetensors", "--to", "diffusers"], "no LoRA adapter at"),
+    (["SOURCE", "OUT/folder", "--to", "comfyui"], "a ComfyUI LoRA is one .safetensors file"),
+    (["SOURCE", "OUT/x.safetensors", "--to", "diffusers", "--model", "OUT"], "has no config.json"),
+])
+def test_convert_lora_bad_input_is_one_line(args, message, tmp_path, capsys):
+    model = tiny()
+    source = in_style(random_factors(model, UNIFORM), "comfyui", tmp_path)
+    args = [a.replace("MISSING", str(tmp_path / "missing")).replace("SOURCE", str(source)).replace(
+        "OUT", str(tmp_path / "out")) for a in args]
+    assert cli_main(["convert-lora", *args]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error:") and "\n" not in err and message in err
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
