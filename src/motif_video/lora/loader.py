@@ -106,9 +106,7 @@ def check_adapters_fit(model_dir, adapters: list[tuple[LoraAdapter, float]], *, 
     """Bind the adapters to the model folder's transformer built on the meta device (config and key names only),
     so an adapter that does not fit fails before any weights load. Folders without a local transformer/ are
     checked later, at loading."""
-    from pathlib import Path
-
-    from safetensors import safe_open
+    from safetensors import SafetensorError, safe_open
 
     from ..convert.checkpoint import build_on_meta, load_config
     from ..convert.layouts import detect_layout
@@ -117,14 +115,14 @@ def check_adapters_fit(model_dir, adapters: list[tuple[LoraAdapter, float]], *, 
     folder = Path(model_dir) / "transformer"
     if not adapters or not (folder / "config.json").is_file():
         return
-    config = load_config(folder)
     keys: dict[str, None] = {}
-    for file in folder.glob("*.safetensors"):
-        try:
+    try:
+        config = load_config(folder)
+        for file in folder.glob("*.safetensors"):
             with safe_open(str(file), framework="pt") as f:
                 keys.update(dict.fromkeys(f.keys()))
-        except Exception:  # a damaged file is reported by the loader with its own message
-            return
+    except (SafetensorError, OSError, ValueError, MotifVideoError):
+        return  # a damaged folder is reported by the loader, with its own message
     tied = not gguf and detect_layout(keys) in ("original", "tied")
     model = build_on_meta(MotifVideoTransformer,
                           config.replace(cross_attention_form="tied" if tied else "untied"))
