@@ -69,13 +69,14 @@ def run(args) -> int:
 
     from ..errors import MotifVideoError
     from ..model.attention import set_attention_backend
-    from ..pipeline.pipeline import MotifVideoPipeline, check_video_size, generate_to_file
+    from ..latents import PIXELS_PER_TOKEN, check_video_size
+    from ..pipeline.pipeline import MotifVideoPipeline, generate_to_file
     from ..pipeline.text import check_prompt
 
     # Cheap checks first, so bad input fails before any model loads.
     check_prompt(args.prompt)
     if args.frames is not None or args.height is not None or args.width is not None:
-        check_video_size(args.height or 16, args.width or 16, args.frames or 1)
+        check_video_size(args.height or PIXELS_PER_TOKEN, args.width or PIXELS_PER_TOKEN, args.frames or 1)
     if args.image is not None and not Path(args.image).is_file():
         raise MotifVideoError(f"image file not found: {args.image}")
     if args.gguf is not None and not Path(args.gguf).is_file():

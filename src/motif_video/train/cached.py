@@ -26,9 +26,9 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from ..errors import CheckpointError, ConfigError
-from .buckets import TEMPORAL_COMPRESSION, Bucket
+from ..latents import pixel_shape
+from .buckets import Bucket
 
-SPATIAL_COMPRESSION = 8  # Wan VAE
 INDEX_NAME = "index.json"
 EMPTY_PROMPT_NAME = "empty_prompt.safetensors"
 FORMAT = "motif-video-latent-cache"
@@ -48,8 +48,7 @@ class CachedSample:
 
 def default_bucket(latent_shape) -> str:
     """The pixel bucket "FRAMESxHEIGHTxWIDTH" (train.buckets format) of a Wan-VAE latent (C, T', H', W')."""
-    _, t, h, w = (int(s) for s in latent_shape)
-    return f"{(t - 1) * TEMPORAL_COMPRESSION + 1}x{h * SPATIAL_COMPRESSION}x{w * SPATIAL_COMPRESSION}"
+    return "x".join(str(n) for n in pixel_shape(*(int(s) for s in latent_shape[1:])))
 
 
 def _fsync_write_json(path: Path, data: dict) -> None:
