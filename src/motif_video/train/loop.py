@@ -30,7 +30,7 @@ from .checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
 from .config import TrainConfig
 from .ema import EMA
 from .objective import FlowMatchingObjective, TrainModule
-from .parallel import full_tensor, mean_across_ranks, parallelize
+from .parallel import full_tensor, mean_across_ranks, parallelize, reshard
 from .stages import build_transformer
 
 
@@ -336,6 +336,7 @@ class Trainer:
                 batch = collate([self._val_dataset[i] for i in indices])
                 with self.accelerator.autocast():
                     total += self.objective.evaluate(self.module, batch, indices, self.device).item() * len(indices)
+            reshard(self.module)
             return total / count
 
         metrics = {"loss": loss()}
@@ -379,6 +380,7 @@ class Trainer:
                 folder.mkdir(parents=True, exist_ok=True)
                 write_video((frames * 255).round().astype(np.uint8), folder / f"{i:02d}.mp4",
                             fps=pipe.defaults.fps)
+        reshard(self.module)
 
 
 def train(config: TrainConfig, *, resume: bool = False, callbacks=None) -> TrainResult:

@@ -81,6 +81,17 @@ def apply_fsdp(module: nn.Module, transformer: nn.Module, device_type: str, comp
     return module
 
 
+def reshard(module: nn.Module) -> None:
+    """Free the weights FSDP2 keeps gathered after a forward that no backward follows (validation): units built
+    with reshard_after_forward=False otherwise hold plain gathered tensors where EMA and the optimizer expect their
+    sharded parameters. A no-op without FSDP."""
+    from torch.distributed.fsdp import FSDPModule
+
+    for m in module.modules():
+        if isinstance(m, FSDPModule):
+            m.reshard()
+
+
 def parallelize(module: nn.Module, transformer: nn.Module, *, device: torch.device, compute_dtype: torch.dtype,
                 grad_checkpointing: bool, reshard_after_forward: bool = True) -> nn.Module:
     """`module` (the TrainModule holding `transformer`) made ready for training on this process's device."""
