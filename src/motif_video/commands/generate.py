@@ -11,6 +11,9 @@ DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 
 
 def register(subparsers) -> None:
+    from ..pipeline.guidance import GUIDERS
+    from ..pipeline.sampler import SOLVERS
+
     p = subparsers.add_parser(
         "generate",
         help="generate a video from a prompt (and optionally a first frame)",
@@ -30,9 +33,9 @@ def register(subparsers) -> None:
     p.add_argument("--frames", type=int, default=None, help="frame count, 4k+1 (e.g. 17, 33, 121)")
     p.add_argument("--steps", type=int, default=None, help="denoising steps")
     p.add_argument("--guidance-scale", type=float, default=None, help="guidance scale (1 disables guidance)")
-    p.add_argument("--guider", choices=["apg", "cfg"], default=None, help="guidance method")
+    p.add_argument("--guider", choices=list(GUIDERS), default=None, help="guidance method")
     p.add_argument("--shift", type=float, default=None, help="flow-matching schedule shift")
-    p.add_argument("--solver", choices=["euler", "dpm++"], default=None, help="sampler")
+    p.add_argument("--solver", choices=list(SOLVERS), default=None, help="sampler")
     p.add_argument("--encoder-reuse", type=int, default=None, metavar="K",
                    help="run the encoder on every K-th step only and reuse its output (faster, approximate; 1: "
                         "exact). Default: the model's (a calibrated schedule for the shipped nano model, exact for the "

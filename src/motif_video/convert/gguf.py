@@ -378,8 +378,11 @@ def model_nbytes(model: nn.Module) -> int:
 
 
 # -- writing ------------------------------------------------------------------------------------------------------
+# `quantize --type` names: the Linear weights' type (F32 only keeps everything as it is).
 WRITE_TYPES = {"q8_0": Q.Q8_0, "q5_1": Q.Q5_1, "q5_0": Q.Q5_0, "q4_1": Q.Q4_1, "q4_0": Q.Q4_0,
                "bf16": Q.BF16, "f16": Q.F16, "f32": Q.F32}
+# `quantize --keep-dtype` names: the type of the tensors kept out of quantisation.
+KEEP_TYPES = {"f32": Q.F32, "f16": Q.F16}
 _FILE_TYPES = {Q.F32: LlamaFileType.ALL_F32, Q.F16: LlamaFileType.MOSTLY_F16, Q.BF16: LlamaFileType.MOSTLY_BF16,
                Q.Q8_0: LlamaFileType.MOSTLY_Q8_0, Q.Q4_0: LlamaFileType.MOSTLY_Q4_0, Q.Q4_1: LlamaFileType.MOSTLY_Q4_1,
                Q.Q5_0: LlamaFileType.MOSTLY_Q5_0, Q.Q5_1: LlamaFileType.MOSTLY_Q5_1}

@@ -12,8 +12,6 @@ import torch
 
 from ..errors import MotifVideoError
 
-GUIDERS = ("apg", "cfg")
-
 
 class ClassifierFreeGuidance:
     def __init__(self, scale: float):
@@ -50,9 +48,15 @@ class AdaptiveProjectedGuidance:
         return uncond + self.scale * update.to(diff.dtype)
 
 
+def _cfg(scale: float, **apg_options) -> ClassifierFreeGuidance:
+    return ClassifierFreeGuidance(scale)  # the APG options do not apply
+
+
+# Guider name -> factory (scale, APG options); `generate --guider` offers these names.
+GUIDERS = {"apg": AdaptiveProjectedGuidance, "cfg": _cfg}
+
+
 def make_guidance(name: str, scale: float, **apg_options):
-    if name == "cfg":
-        return ClassifierFreeGuidance(scale)
-    if name == "apg":
-        return AdaptiveProjectedGuidance(scale, **apg_options)
-    raise MotifVideoError(f"unknown guider {name!r}; choose one of: {', '.join(GUIDERS)}")
+    if name not in GUIDERS:
+        raise MotifVideoError(f"unknown guider {name!r}; choose one of: {', '.join(GUIDERS)}")
+    return GUIDERS[name](scale, **apg_options)

@@ -27,6 +27,7 @@ from safetensors.torch import save_file
 
 from ..errors import CheckpointError, ConfigError
 from ..latents import pixel_shape
+from ..pipeline.text import pad_text
 from .buckets import Bucket
 
 INDEX_NAME = "index.json"
@@ -302,17 +303,6 @@ class CachedLatentDataset(torch.utils.data.Dataset):
         folder, name = self._empty
         with safe_open(str(folder / name), framework="pt") as f:
             return f.get_tensor("text").float(), f.get_tensor("text_mask").bool()
-
-
-def pad_text(texts: list[torch.Tensor], masks: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Right-pad (L_i, D) states to (B, L_max, D) with a (B, L_max) keep-mask."""
-    length = max(t.shape[0] for t in texts)
-    out = texts[0].new_zeros(len(texts), length, texts[0].shape[1])
-    keep = torch.zeros(len(texts), length, dtype=torch.bool)
-    for i, (t, m) in enumerate(zip(texts, masks)):
-        out[i, : t.shape[0]] = t
-        keep[i, : m.shape[0]] = m
-    return out, keep
 
 
 def collate(items: list[dict]) -> dict:

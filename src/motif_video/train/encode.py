@@ -8,7 +8,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..model_folder import CONDITIONING_PARTS, ModelFolder, default_device_dtype
-from ..pipeline.text import PromptEncoder
+from ..pipeline.text import PromptEncoder, text_length
 from ..pipeline.vae import LatentCodec
 from .buckets import BucketSet
 from .cached import CachedLatentWriter, CachedSample
@@ -54,7 +54,7 @@ def encode_dataset(data, output, model, buckets: BucketSet, *, fps: float | None
             pixels = torch.stack([item["pixels"] for item in items]).to(device)  # (B, 3, T, H, W)
             latents = codec.encode(pixels).cpu()
             states, mask = prompts.encode([item["caption"] for item in items])
-            lengths = mask.sum(1).tolist() if mask is not None else [states.shape[1]] * len(items)
+            lengths = [text_length(m) for m in mask] if mask is not None else [states.shape[1]] * len(items)
             features = grid = None
             if teacher_model is not None:
                 features, grid = teacher_model.encode(pixels)

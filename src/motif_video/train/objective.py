@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from ..errors import ConfigError
 from ..latents import model_input, token_grid
 from ..routing import RouteConfig, TokenRoute, sample_route
-from .cached import pad_text
+from ..pipeline.text import pad_text, text_length
 from .config import AlignmentSection, ObjectiveSection
 
 
@@ -124,7 +124,7 @@ class FlowMatchingObjective:
                 masks.append(self.empty_mask)
             else:
                 keep = batch["text_mask"][i]
-                length = int(keep.nonzero().max()) + 1 if keep.any() else keep.shape[0]
+                length = text_length(keep)
                 texts.append(batch["text"][i, :length])
                 masks.append(keep[:length])
         text, mask = pad_text(texts, masks)
