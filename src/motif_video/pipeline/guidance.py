@@ -17,9 +17,6 @@ class ClassifierFreeGuidance:
     def __init__(self, scale: float):
         self.scale = scale
 
-    def reset(self) -> None:
-        pass
-
     def __call__(self, cond: torch.Tensor, uncond: torch.Tensor) -> torch.Tensor:
         return uncond + self.scale * (cond - uncond)
 
@@ -29,9 +26,6 @@ class AdaptiveProjectedGuidance:
                  norm_dims: tuple[int, ...] = (1, 3, 4)):
         self.scale, self.norm_threshold, self.momentum, self.eta = scale, norm_threshold, momentum, eta
         self.norm_dims = list(norm_dims)  # (C, H, W) of (B, C, T, H, W): per frame
-        self.running = None
-
-    def reset(self) -> None:
         self.running = None
 
     def __call__(self, cond: torch.Tensor, uncond: torch.Tensor) -> torch.Tensor:

@@ -7,11 +7,6 @@ import numpy as np
 from ..errors import MotifVideoError
 
 
-def shifted_sigma(sigma, shift: float):
-    """sigma' = shift * s / (1 + (shift - 1) s): more steps at high noise, where large videos need them."""
-    return shift * sigma / (1 + (shift - 1) * sigma)
-
-
 def _euler(shift: float, num_steps: int, device):
     from diffusers import FlowMatchEulerDiscreteScheduler
 
