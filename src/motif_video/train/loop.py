@@ -24,6 +24,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from ..errors import ConfigError, MotifVideoError
+from ..model_folder import default_device_dtype
 from .buckets import Bucket, BucketBatchSampler, BucketSet
 from .cached import CachedLatentDataset, collate
 from .checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
@@ -110,7 +111,7 @@ class Trainer:
     def _precision(self) -> torch.dtype:
         p = self.config.precision
         if p == "auto":
-            return torch.bfloat16 if torch.cuda.is_available() else torch.float32
+            return default_device_dtype()[1]
         return torch.bfloat16 if p == "bf16" else torch.float32
 
     def setup(self) -> None:

@@ -110,7 +110,8 @@ class FlowMatchingObjective:
         """The transformer's input (B, 33, T, H, W) at noise level t, and its timestep 1000 t.
 
         Text-to-video: [x_t | zeros | zeros]. Image-to-video: the clip's clean first latent frame conditions it
-        (`latents.model_input`, exactly as generation builds it from the given image).
+        (`latents.model_input`, exactly as generation builds it from the given image): the causal VAE encodes frame
+        0 on its own, so that latent frame is what encoding the first image alone gives.
         """
         tb = t.view(-1, 1, 1, 1, 1)
         x_t = (1 - tb) * x0 + tb * eps
