@@ -74,3 +74,28 @@ def test_two_processes_match_one_and_resume(tmp_path):
     key = "transformer.x_embedder.proj.weight"
     assert torch.allclose(optim_a["state"][key]["exp_avg_sq"], optim_b["state"][key]["exp_avg_sq"], rtol=1e-3,
                           atol=1e-9)
+
+
+def test_two_processes_sample_validation_videos_like_one(tmp_path):
+    """Validation sampling calls the trained transformer directly through the generation pipeline; under FSDP2 it
+    is a sharding unit of its own, so its weights are gathered and both runs sample the same video."""
+    from motif_video.pipeline.video_io import read_video
+    from motif_video.testing import save_tiny_pipeline
+
+    pipeline = save_tiny_pipeline(tmp_path / "pipe")
+    cache = make_cache(tmp_path / "cache", n_images=4, n_videos=4)
+    config = base_config(tmp_path, cache, data={"cache_dirs": [str(cache)], "batch_size": 4},
+                         model={"preset": "motif-video-tiny", "overrides": {"image_embed_dim": 8}},
+                         optim={"lr": 2e-3, "steps": 2, "warmup_steps": 1},
+                         checkpointing={"every": 100, "keep_last": 1, "save_final": False},
+                         validation={"every": 2, "num_samples": 2, "prompts": ["a red circle moving left"],
+                                     "pipeline": str(pipeline), "num_inference_steps": 2, "width": 32,
+                                     "height": 32, "num_frames": 5})
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(config))
+    for name, processes in (("one", 1), ("two", 2)):
+        run([str(path), "--override", f"output_dir={tmp_path / name}"], processes, tmp_path)
+    one, two = (read_video(tmp_path / name / "samples" / "step-00000002" / "00.mp4").astype(float)
+                for name in ("one", "two"))
+    assert one.shape == two.shape == (5, 32, 32, 3)
+    assert abs(one - two).mean() < 1.0 and one.std() > 1.0

@@ -7,6 +7,8 @@ from pathlib import Path
 
 
 def register(subparsers) -> None:
+    from ..convert.layouts import TARGET_LAYOUTS
+
     p = subparsers.add_parser(
         "convert",
         help="convert a transformer checkpoint between the diffusers and original Motif layouts",
@@ -16,7 +18,7 @@ def register(subparsers) -> None:
     )
     p.add_argument("input", help="transformer folder, or model folder containing transformer/")
     p.add_argument("output", help="output folder (created)")
-    p.add_argument("--to", required=True, choices=["diffusers", "original"], help="target layout")
+    p.add_argument("--to", required=True, choices=list(TARGET_LAYOUTS), help="target layout")
     p.set_defaults(func=run)
 
 

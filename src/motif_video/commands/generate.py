@@ -13,6 +13,9 @@ DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 
 
 def register(subparsers) -> None:
+    from ..pipeline.guidance import GUIDERS
+    from ..pipeline.sampler import SOLVERS
+
     p = subparsers.add_parser(
         "generate",
         help="generate a video from a prompt (and optionally a first frame)",
@@ -32,9 +35,9 @@ def register(subparsers) -> None:
     p.add_argument("--frames", type=int, default=None, help="frame count, 4k+1 (e.g. 17, 33, 121)")
     p.add_argument("--steps", type=int, default=None, help="denoising steps")
     p.add_argument("--guidance-scale", type=float, default=None, help="guidance scale (1 disables guidance)")
-    p.add_argument("--guider", choices=["apg", "cfg"], default=None, help="guidance method")
+    p.add_argument("--guider", choices=list(GUIDERS), default=None, help="guidance method")
     p.add_argument("--shift", type=float, default=None, help="flow-matching schedule shift")
-    p.add_argument("--solver", choices=["euler", "dpm++"], default=None, help="sampler")
+    p.add_argument("--solver", choices=list(SOLVERS), default=None, help="sampler")
     p.add_argument("--encoder-reuse", type=int, default=None, metavar="K",
                    help="run the encoder on every K-th step only and reuse its output (faster, approximate; 1: "
                         "exact). Default: the model's (a calibrated schedule for the shipped nano model, exact for the "
@@ -70,14 +73,15 @@ def run(args) -> int:
     import torch
 
     from ..errors import MotifVideoError
+    from ..latents import PIXELS_PER_TOKEN, check_video_size
     from ..model.backends import attention_backend, set_attention_backend
-    from ..pipeline.pipeline import MotifVideoPipeline, check_video_size, generate_to_file
+    from ..pipeline.pipeline import MotifVideoPipeline, generate_to_file
     from ..pipeline.text import check_prompt
 
     # Cheap checks first, so bad input fails before any model loads.
     check_prompt(args.prompt)
     if args.frames is not None or args.height is not None or args.width is not None:
-        check_video_size(args.height or 16, args.width or 16, args.frames or 1)
+        check_video_size(args.height or PIXELS_PER_TOKEN, args.width or PIXELS_PER_TOKEN, args.frames or 1)
     if args.image is not None and not Path(args.image).is_file():
         raise MotifVideoError(f"image file not found: {args.image}")
     if args.gguf is not None and not Path(args.gguf).is_file():

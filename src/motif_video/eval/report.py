@@ -13,7 +13,7 @@ import numpy as np
 
 from ..errors import MotifVideoError
 from ..records import JSONL_SUFFIXES, read_jsonl
-from ..pipeline.video_io import FOLDER_META, IMAGE_EXTENSIONS, VIDEO_EXTENSIONS, read_video
+from ..pipeline.video_io import FOLDER_META, MEDIA_EXTENSIONS, read_video
 from .metrics import measure_clip, score_clip
 from .prompts import parse_prompt
 
@@ -43,7 +43,7 @@ def load_items(source) -> list[dict]:
     if source.is_dir():
         items = []
         for p in sorted(source.iterdir()):
-            is_media = p.is_file() and p.suffix.lower() in VIDEO_EXTENSIONS + IMAGE_EXTENSIONS
+            is_media = p.is_file() and p.suffix.lower() in MEDIA_EXTENSIONS
             is_frames = p.is_dir() and (p / FOLDER_META).is_file()
             caption = p.with_suffix(".txt") if p.is_file() else p.parent / f"{p.name}.txt"
             if (is_media or is_frames) and caption.is_file():

@@ -98,7 +98,7 @@ def evaluate(model: Path | object, prompts_file: Path, out_dir: Path, limit: int
              batch: int = 8, **generate_kwargs) -> dict:
     """Generate one clip per held-out prompt with a model folder (or a loaded pipeline) and score it with the
     analytic evaluator."""
-    from ..cli import main as cli_main
+    from ..eval.report import evaluate as score, load_items, write_report
     from ..pipeline.pipeline import MotifVideoPipeline
     from ..pipeline.video_io import write_video
 
@@ -121,8 +121,8 @@ def evaluate(model: Path | object, prompts_file: Path, out_dir: Path, limit: int
             records.append({"path": path.name, "caption": prompt})
     metadata = clips / "metadata.jsonl"
     metadata.write_text("".join(json.dumps(r) + "\n" for r in records))
-    cli_main(["eval", str(metadata), "--out", str(out_dir / "report")])
-    results = json.loads((out_dir / "report" / "results.json").read_text())
+    written = write_report(score(load_items(metadata)), out_dir / "report", f"motif-video eval: {metadata.name}")
+    results = json.loads(written["results"].read_text())
     results["generation_seconds"] = round(generating, 2)
     return results
 

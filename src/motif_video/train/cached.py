@@ -26,9 +26,10 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from ..errors import CheckpointError, ConfigError
-from .buckets import TEMPORAL_COMPRESSION, Bucket
+from ..latents import pixel_shape
+from ..pipeline.text import pad_text
+from .buckets import Bucket
 
-SPATIAL_COMPRESSION = 8  # Wan VAE
 INDEX_NAME = "index.json"
 EMPTY_PROMPT_NAME = "empty_prompt.safetensors"
 FORMAT = "motif-video-latent-cache"
@@ -48,8 +49,7 @@ class CachedSample:
 
 def default_bucket(latent_shape) -> str:
     """The pixel bucket "FRAMESxHEIGHTxWIDTH" (train.buckets format) of a Wan-VAE latent (C, T', H', W')."""
-    _, t, h, w = (int(s) for s in latent_shape)
-    return f"{(t - 1) * TEMPORAL_COMPRESSION + 1}x{h * SPATIAL_COMPRESSION}x{w * SPATIAL_COMPRESSION}"
+    return "x".join(str(n) for n in pixel_shape(*(int(s) for s in latent_shape[1:])))
 
 
 def _fsync_write_json(path: Path, data: dict) -> None:
@@ -303,17 +303,6 @@ class CachedLatentDataset(torch.utils.data.Dataset):
         folder, name = self._empty
         with safe_open(str(folder / name), framework="pt") as f:
             return f.get_tensor("text").float(), f.get_tensor("text_mask").bool()
-
-
-def pad_text(texts: list[torch.Tensor], masks: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Right-pad (L_i, D) states to (B, L_max, D) with a (B, L_max) keep-mask."""
-    length = max(t.shape[0] for t in texts)
-    out = texts[0].new_zeros(len(texts), length, texts[0].shape[1])
-    keep = torch.zeros(len(texts), length, dtype=torch.bool)
-    for i, (t, m) in enumerate(zip(texts, masks)):
-        out[i, : t.shape[0]] = t
-        keep[i, : m.shape[0]] = m
-    return out, keep
 
 
 def collate(items: list[dict]) -> dict:

@@ -26,7 +26,7 @@ from torch.utils.data import Dataset
 
 from ..errors import ConfigError, MotifVideoError
 from ..records import JSONL_SUFFIXES, read_jsonl
-from ..pipeline.video_io import VIDEO_EXTENSIONS, probe_video, read_video
+from ..pipeline.video_io import IMAGE_EXTENSIONS, MEDIA_EXTENSIONS, probe_video, read_video
 from .buckets import Bucket, BucketSet, source_span, temporal_stride
 
 __all__ = [
@@ -43,8 +43,6 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
-MEDIA_EXTENSIONS = tuple(VIDEO_EXTENSIONS) + IMAGE_EXTENSIONS
 # How many other clips of the same bucket a failed decode may fall back to before the batch is given up.
 MAX_SUBSTITUTES = 8
 

@@ -7,9 +7,8 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from ..pipeline.pipeline import (GenerationDefaults, component_path, default_device_dtype, load_component,
-                                 read_model_index)
-from ..pipeline.text import PromptEncoder
+from ..model_folder import CONDITIONING_PARTS, ModelFolder, default_device_dtype
+from ..pipeline.text import PromptEncoder, text_length
 from ..pipeline.vae import LatentCodec
 from .buckets import BucketSet
 from .cached import CachedLatentWriter, CachedSample
@@ -21,13 +20,11 @@ def encode_dataset(data, output, model, buckets: BucketSet, *, fps: float | None
                    progress: bool = True) -> tuple[int, int, Path]:
     """Encode `data` (folder or CSV/JSONL) with `model`'s VAE and text encoder (+ a REPA teacher folder) into
     `output`. Returns (samples written, unreadable clips skipped, cache folder)."""
-    folder, index = read_model_index(model, required=("vae", "text_encoder", "tokenizer"))
+    folder = ModelFolder(model, required=CONDITIONING_PARTS)
     device, dtype = default_device_dtype(device, None)
-    codec = LatentCodec(load_component(folder, index, "vae", torch_dtype=torch.float32).eval().to(device))
-    defaults = GenerationDefaults.from_folder(folder)
-    prompts = PromptEncoder(load_component(folder, index, "tokenizer"),
-                            load_component(folder, index, "text_encoder", torch_dtype=dtype).eval().to(device),
-                            max_length=defaults.max_sequence_length)
+    codec = LatentCodec(folder.load("vae", torch_dtype=torch.float32).eval().to(device))
+    prompts = PromptEncoder(folder.tokenizer(), folder.text_encoder(dtype).to(device),
+                            max_length=folder.defaults.max_sequence_length)
     teacher_model = None
     if teacher:
         from ..alignment import build_teacher
@@ -48,7 +45,7 @@ def encode_dataset(data, output, model, buckets: BucketSet, *, fps: float | None
         total += len(members)
         batches += [members[k:k + batch_size] for k in range(0, len(members), batch_size)]
 
-    writer = CachedLatentWriter(output, text_encoder=str(component_path(folder, "text_encoder")),
+    writer = CachedLatentWriter(output, text_encoder=str(folder.component_path("text_encoder")),
                                 teacher=str(teacher) if teacher else None)
     written = 0
     with torch.no_grad(), tqdm(total=total, desc="caching", disable=not progress) as bar:
@@ -57,7 +54,7 @@ def encode_dataset(data, output, model, buckets: BucketSet, *, fps: float | None
             pixels = torch.stack([item["pixels"] for item in items]).to(device)  # (B, 3, T, H, W)
             latents = codec.encode(pixels).cpu()
             states, mask = prompts.encode([item["caption"] for item in items])
-            lengths = mask.sum(1).tolist() if mask is not None else [states.shape[1]] * len(items)
+            lengths = [text_length(m) for m in mask] if mask is not None else [states.shape[1]] * len(items)
             features = grid = None
             if teacher_model is not None:
                 features, grid = teacher_model.encode(pixels)

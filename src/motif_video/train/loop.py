@@ -24,13 +24,14 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from ..errors import ConfigError, MotifVideoError
+from ..model_folder import default_device_dtype
 from .buckets import Bucket, BucketBatchSampler, BucketSet
 from .cached import CachedLatentDataset, collate
 from .checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
 from .config import TrainConfig
 from .ema import EMA
 from .objective import FlowMatchingObjective, TrainModule
-from .parallel import full_tensor, mean_across_ranks, parallelize
+from .parallel import full_tensor, mean_across_ranks, parallelize, reshard
 from .stages import build_transformer
 
 
@@ -110,7 +111,7 @@ class Trainer:
     def _precision(self) -> torch.dtype:
         p = self.config.precision
         if p == "auto":
-            return torch.bfloat16 if torch.cuda.is_available() else torch.float32
+            return default_device_dtype()[1]
         return torch.bfloat16 if p == "bf16" else torch.float32
 
     def setup(self) -> None:
@@ -186,9 +187,7 @@ class Trainer:
             rank=self.rank, world_size=self.world)
 
         self.objective = FlowMatchingObjective(
-            c.objective, seed=c.seed, patch_size=(transformer.config.patch_size_t, transformer.config.patch_size,
-                                                  transformer.config.patch_size),
-            num_blocks=num_blocks, route=c.route_config(), alignment=align,
+            c.objective, seed=c.seed, patch_size=transformer.config.patch, num_blocks=num_blocks, route=c.route_config(), alignment=align,
             empty_prompt=self.dataset.empty_prompt(), text_dim=self.dataset.text_dim)
 
         # 5. Resume
@@ -338,6 +337,7 @@ class Trainer:
                 batch = collate([self._val_dataset[i] for i in indices])
                 with self.accelerator.autocast():
                     total += self.objective.evaluate(self.module, batch, indices, self.device).item() * len(indices)
+            reshard(self.module)
             return total / count
 
         metrics = {"loss": loss()}
@@ -358,21 +358,17 @@ class Trainer:
 
     def _sample_videos(self, step: int) -> None:
         """Videos of the validation prompts with the current (EMA) weights, through the generation pipeline."""
-        from ..pipeline.pipeline import GenerationDefaults, MotifVideoPipeline, load_component, read_model_index
+        from ..model_folder import CONDITIONING_PARTS, ModelFolder
+        from ..pipeline.pipeline import MotifVideoPipeline
         from ..pipeline.video_io import write_video
 
         v = self.config.validation
         if not hasattr(self, "_pipeline"):
             # Only the folder's text encoder, tokenizer and VAE: the transformer is the one being trained.
-            folder, index = read_model_index(v.pipeline, required=("vae", "text_encoder", "tokenizer"))
-            dtype = self.compute_dtype
-            vae = load_component(folder, index, "vae", torch_dtype=torch.float32 if self.device.type == "cpu"
-                                 else dtype).eval().to(self.device)
-            text_encoder = load_component(folder, index, "text_encoder", torch_dtype=dtype).eval().to(self.device)
-            tokenizer = load_component(folder, index, "tokenizer")
-            self._pipeline = MotifVideoPipeline(_ThroughRoot(self.module), vae, text_encoder, tokenizer,
-                                                defaults=GenerationDefaults.from_folder(folder))
-            self._pipeline.execution_device = self.device
+            folder = ModelFolder(v.pipeline, required=CONDITIONING_PARTS)
+            self._pipeline = MotifVideoPipeline(
+                self.module.transformer, folder.vae(self.device, self.compute_dtype).to(self.device),
+                folder.text_encoder(self.compute_dtype).to(self.device), folder.tokenizer(), defaults=folder.defaults)
         pipe = self._pipeline
         folder = self.output_dir / "samples" / f"step-{step:08d}"
         for i, prompt in enumerate(v.prompts):
@@ -385,25 +381,7 @@ class Trainer:
                 folder.mkdir(parents=True, exist_ok=True)
                 write_video((frames * 255).round().astype(np.uint8), folder / f"{i:02d}.mp4",
                             fps=pipe.defaults.fps)
-
-
-class _ThroughRoot:
-    """The generation pipeline's transformer during validation. Calls enter through the training module: under
-    FSDP2 that is the root whose hooks gather the embedders' and output head's weights, which calling the inner
-    transformer directly would skip."""
-
-    def __init__(self, module: TrainModule):
-        self.module = module
-        self.config = module.transformer.config
-
-    def parameters(self):
-        return self.module.parameters()
-
-    def to(self, *args, **kwargs):  # already placed (and maybe sharded) by the trainer
-        return self
-
-    def __call__(self, *args, **kwargs):
-        return self.module(*args, **kwargs)[0]
+        reshard(self.module)
 
 
 def train(config: TrainConfig, *, resume: bool = False, callbacks=None) -> TrainResult:
