@@ -2,8 +2,10 @@
 
 The earlier commit's `motif_video` package is extracted with `git archive` and imported under another name, so both
 models live in one process with the same weights and inputs; their forwards alternate (old, new, old, new, ...) so
-that other load on the machine hits both alike. Reported per case: the fastest and the median forward of each and
-the ratio new / old of the medians (below 1: the new code is faster), and whether the outputs are bit-identical.
+that other load on the machine hits both alike. Reported per case: the fastest and the median forward of each, in wall
+time and in this thread's CPU time (less disturbed by other jobs on a shared machine), the ratios new / old of the
+medians (below 1: the new code is faster), the same ratio for a second copy of the old model (how far the ratio
+moves with nothing changed: the noise floor), and whether the outputs are bit-identical.
 
 Cases: the shipped nano model at its generation size (batch 2: the conditional and unconditional passes of
 guidance, a padded prompt in the batch), where fixed per-block costs weigh most, and the small preset at
@@ -56,18 +58,25 @@ def case_inputs(config, batch: int, latent: tuple[int, int, int], text_len: int,
     return x, t, text, mask
 
 
-def time_case(old_model, new_model, inputs, repeats: int) -> dict:
-    times = {"old": [], "new": []}
+def time_case(models: dict, inputs, repeats: int) -> dict:
+    """Wall and CPU (this thread's) seconds per forward of each model, the order rotating every round."""
+    names = list(models)
+    samples = {name: {"wall": [], "cpu": []} for name in names}
     with torch.no_grad():
-        outs = {"old": old_model(*inputs), "new": new_model(*inputs)}  # warm-up (and the RoPE caches)
-        for _ in range(repeats):
-            for name, model in (("old", old_model), ("new", new_model)):
-                start = time.perf_counter()
-                model(*inputs)
-                times[name].append(time.perf_counter() - start)
-    result = {name: {"fastest_s": min(v), "median_s": statistics.median(v)} for name, v in times.items()}
-    result["ratio_new_over_old_median"] = result["new"]["median_s"] / result["old"]["median_s"]
-    result["ratio_new_over_old_fastest"] = result["new"]["fastest_s"] / result["old"]["fastest_s"]
+        outs = {name: model(*inputs) for name, model in models.items()}  # warm-up (and the RoPE caches)
+        for round_ in range(repeats):
+            for name in names[round_ % len(names):] + names[:round_ % len(names)]:
+                wall, cpu = time.perf_counter(), time.thread_time()
+                models[name](*inputs)
+                samples[name]["cpu"].append(time.thread_time() - cpu)
+                samples[name]["wall"].append(time.perf_counter() - wall)
+    stats = (min, statistics.median)
+    result = {name: {f"{kind}_{stat.__name__}_s": stat(v) for kind, v in times.items() for stat in stats}
+              for name, times in samples.items()}
+    for name in names[1:]:
+        for kind in ("wall", "cpu"):
+            result[f"ratio_{name}_over_old_{kind}_median"] = (result[name][f"{kind}_median_s"]
+                                                              / result["old"][f"{kind}_median_s"])
     result["outputs_identical"] = bool(torch.equal(outs["old"], outs["new"]))
     return result
 
@@ -75,7 +84,7 @@ def time_case(old_model, new_model, inputs, repeats: int) -> dict:
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--old", default="63a202c", help="the commit to compare against")
-    parser.add_argument("--repeats", type=int, default=30, help="timed forwards of each model per case")
+    parser.add_argument("--repeats", type=int, default=200, help="timed forwards of each model (nano case)")
     parser.add_argument("--json", default="benchmarks/results/forward_speed.json")
     args = parser.parse_args(argv)
 
@@ -90,7 +99,7 @@ def main(argv=None) -> dict:
                                                                                   torch_dtype=torch.float32),
                                    2, nano_latent, 16, args.repeats),
         "small 17x128x128": (lambda: MotifVideoTransformer.from_preset("motif-video-small", text_embed_dim=64),
-                             2, (5, 16, 16), 32, max(3, args.repeats // 10)),
+                             2, (5, 16, 16), 32, max(4, args.repeats // 20)),
     }
     results = {"old_commit": args.old, "torch": torch.__version__, "threads": torch.get_num_threads(),
                "machine": platform.machine(), "cases": {}}
@@ -98,15 +107,19 @@ def main(argv=None) -> dict:
         old_package = import_old_package(args.old, Path(tmp))
         for name, (build, batch, latent, text_len, repeats) in cases.items():
             new_model = build().eval()
-            old_model = old_package.MotifVideoTransformer(**new_model.config.to_dict()).eval()
-            old_model.load_state_dict(new_model.state_dict())
+            models = {"old": None, "new": new_model, "old_copy": None}
+            for copy in ("old", "old_copy"):  # a second copy of the old model: the noise floor of the ratio
+                models[copy] = old_package.MotifVideoTransformer(**new_model.config.to_dict()).eval()
+                models[copy].load_state_dict(new_model.state_dict())
             inputs = case_inputs(new_model.config, batch, latent, text_len)
             results["cases"][name] = {"batch": batch, "latent": list(latent), "repeats": repeats,
-                                      **time_case(old_model, new_model, inputs, repeats)}
+                                      **time_case(models, inputs, repeats)}
             r = results["cases"][name]
-            print(f"{name:24s} old {r['old']['median_s'] * 1e3:8.2f} ms  new {r['new']['median_s'] * 1e3:8.2f} ms  "
-                  f"ratio new/old {r['ratio_new_over_old_median']:.3f} (fastest {r['ratio_new_over_old_fastest']:.3f})"
-                  f"  identical outputs: {r['outputs_identical']}")
+            print(f"{name:24s} median cpu: old {r['old']['cpu_median_s'] * 1e3:8.2f} ms  new "
+                  f"{r['new']['cpu_median_s'] * 1e3:8.2f} ms  ratio new/old: "
+                  f"cpu {r['ratio_new_over_old_cpu_median']:.3f}  wall {r['ratio_new_over_old_wall_median']:.3f}  "
+                  f"(old copy / old: cpu {r['ratio_old_copy_over_old_cpu_median']:.3f})  "
+                  f"identical outputs: {r['outputs_identical']}")
     out = Path(args.json)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(results, indent=2) + "\n")

@@ -139,12 +139,12 @@ class MotifVideoTransformer(nn.Module):
     @property
     def encoder_blocks(self) -> list[nn.Module]:
         """The single-stream encoder blocks (stage 3)."""
-        return list(self.single_transformer_blocks[: self.config.num_encoder_single_layers])
+        return list(self.single_transformer_blocks)[: self.config.num_encoder_single_layers]
 
     @property
     def decoder_blocks(self) -> list[nn.Module]:
         """The DDT decoder blocks (stage 4)."""
-        return list(self.single_transformer_blocks[self.config.num_encoder_single_layers:])
+        return list(self.single_transformer_blocks)[self.config.num_encoder_single_layers:]
 
     def rope(self, grid: tuple[int, int, int], device) -> tuple[torch.Tensor, torch.Tensor]:
         """cos/sin for a token grid, computed once per (grid, device) and reused across sampling steps."""
