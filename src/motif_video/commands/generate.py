@@ -6,6 +6,8 @@ import argparse
 import time
 from pathlib import Path
 
+from ..model.backends import ATTENTION_BACKENDS
+
 DEFAULT_MODEL_DIR = Path(__file__).resolve().parent.parent / "assets" / "motif-video-nano"
 DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 
@@ -51,9 +53,9 @@ def register(subparsers) -> None:
     p.add_argument("--sequential-guidance", action="store_true",
                    help="run the conditional and unconditional passes one after the other (half the activations)")
     p.add_argument("--vae-tiling", action="store_true", help="decode the VAE in tiles to save memory")
-    p.add_argument("--attention", choices=["sdpa", "flash", "sage"], default="sdpa",
-                   help="attention kernel on CUDA: PyTorch SDPA, flash-attn (exact) or SageAttention (int8, "
-                        "approximate); needs the package installed")
+    p.add_argument("--attention", choices=list(ATTENTION_BACKENDS), default="sdpa",
+                   help="attention kernel: PyTorch SDPA, the plain reference formula, flash-attn on CUDA (exact) or "
+                        "SageAttention on CUDA (int8, approximate); flash and sage need their package installed")
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the transformer blocks (CUDA; the first step pays the compile time)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -71,8 +73,8 @@ def run(args) -> int:
     import torch
 
     from ..errors import MotifVideoError
-    from ..model.attention import set_attention_backend
     from ..latents import PIXELS_PER_TOKEN, check_video_size
+    from ..model.backends import attention_backend, set_attention_backend
     from ..pipeline.pipeline import MotifVideoPipeline, generate_to_file
     from ..pipeline.text import check_prompt
 
@@ -93,15 +95,13 @@ def run(args) -> int:
             raise MotifVideoError("no default model is shipped in this installation; pass --model FOLDER")
         model = DEFAULT_MODEL_DIR
 
-    try:
-        set_attention_backend(args.attention)
-    except ValueError as error:
-        raise MotifVideoError(str(error)) from None
+    backend = attention_backend(args.attention)  # a missing kernel package fails before any model loads
 
     started = time.perf_counter()
     dtype = getattr(torch, DTYPES[args.dtype]) if args.dtype else None
     pipe = MotifVideoPipeline.from_pretrained(model, gguf=args.gguf, device=args.device, dtype=dtype,
                                               offload=args.offload)
+    set_attention_backend(pipe.transformer, backend)
     if args.vae_tiling:
         pipe.enable_vae_tiling()
     if args.compile:

@@ -263,7 +263,9 @@ def write_report(results: dict, out_dir, title: str = "motif-video eval") -> dic
     if out.exists() and not out.is_dir():
         raise MotifVideoError(f"{out} exists and is not a folder")
     out.mkdir(parents=True, exist_ok=True)
-    (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    # clip paths relative to the report folder, so the file names nothing of the machine that wrote it
+    stored = {**results, "clips": [{**c, "path": os.path.relpath(c["path"], out)} for c in results["clips"]]}
+    (out / "results.json").write_text(json.dumps(stored, indent=2) + "\n")
     (out / "report.md").write_text(markdown_table(results, title))
     s = results["summary"]
     bar_chart([(label, s[key]) for key, label, _ in DIMENSIONS], f"{title}: {s['clips']} clips", out / "summary.png")

@@ -15,6 +15,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import time
 from dataclasses import asdict
@@ -150,6 +151,9 @@ def run_recipe(out_dir: str | Path, plan: NanoPlan | None = None, progress: bool
     out_dir = Path(out_dir)
     model_dir, data_dir, teacher_dir = out_dir / "model", out_dir / "data", out_dir / "teacher"
     log: dict = {"plan": asdict(plan), "seconds": {}}
+    for key in ("codec_from", "teacher_from"):  # logged relative to the run folder
+        if plan_path := log["plan"][key]:
+            log["plan"][key] = os.path.relpath(plan_path, out_dir)
     seconds = log["seconds"]
     started = time.perf_counter()
 
@@ -160,7 +164,7 @@ def run_recipe(out_dir: str | Path, plan: NanoPlan | None = None, progress: bool
         if plan.codec_from:
             shutil.rmtree(model_dir / "vae", ignore_errors=True)
             shutil.copytree(plan.codec_from, model_dir / "vae")
-            log["codec"] = {"reused": str(plan.codec_from)}
+            log["codec"] = {"reused": log["plan"]["codec_from"]}
         else:
             log["codec"] = train_codec(data_dir, model_dir / "vae", steps=plan.codec_steps, seed=plan.seed,
                                        progress=progress, time_budget_s=plan.codec_budget_s)
@@ -168,7 +172,7 @@ def run_recipe(out_dir: str | Path, plan: NanoPlan | None = None, progress: bool
     with _step(seconds, "teacher"):
         if plan.teacher_from:
             teacher_dir = Path(plan.teacher_from)
-            log["teacher"] = {"reused": str(teacher_dir)}
+            log["teacher"] = {"reused": log["plan"]["teacher_from"]}
         else:
             log["teacher"] = train_teacher(data_dir, teacher_dir, steps=plan.teacher_steps, seed=plan.seed,
                                            progress=progress)

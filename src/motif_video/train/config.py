@@ -30,7 +30,7 @@ class ModelSection:
     # TransformerConfig fields; with `pretrained` only those that keep its weights' layout (e.g. rope_theta)
     overrides: dict[str, Any] = field(default_factory=dict)
     # The DDT decoder's init for a preset: "random", or "matched" (decoder token i reads encoder token i from step
-    # 0; MotifVideoTransformer.init_matched_decoder), whose Q/K skip the channels RoPE turns over `matched_grid`
+    # 0; train.surgery.init_matched_decoder), whose Q/K skip the channels RoPE turns over `matched_grid`
     decoder_init: Literal["random", "matched"] = "random"
     matched_grid: list[int] = field(default_factory=lambda: [5, 4, 4])  # (T', H', W') tokens of the longest clips
 
