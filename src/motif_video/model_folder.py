@@ -85,6 +85,15 @@ def default_device_dtype(device: str | torch.device | None = None,
     return device, dtype or default_dtype(device)
 
 
+def transformer_folder(ref: str | Path) -> Path:
+    """The transformer's folder (config.json + weights), given either that folder or a model folder (or hub id)
+    holding it as `transformer/`."""
+    folder = resolve_model_dir(ref)
+    if (folder / "transformer" / "config.json").is_file():
+        return folder / "transformer"
+    return folder
+
+
 def _component_class(library: str, name: str):
     import diffusers
     import transformers

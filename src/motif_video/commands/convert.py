@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
 
 def register(subparsers) -> None:
@@ -26,10 +25,9 @@ def run(args) -> int:
     from ..convert.checkpoint import load_config, read_state_dict, save_state_dict_folder
     from ..convert.layouts import detect_layout, to_layout
     from ..errors import CheckpointError
+    from ..model_folder import transformer_folder
 
-    folder = Path(args.input)
-    if (folder / "transformer" / "config.json").is_file():
-        folder = folder / "transformer"
+    folder = transformer_folder(args.input)
     if not (folder / "config.json").is_file():
         raise CheckpointError(f"{args.input} is not a transformer folder: it has no config.json")
     config = load_config(folder)

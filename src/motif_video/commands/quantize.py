@@ -43,17 +43,15 @@ def run(args) -> int:
     from ..convert.gguf import KEEP_TYPES, WRITE_TYPES, plan_types, write_gguf
     from ..convert.layouts import to_layout
     from ..errors import MotifVideoError
-    from ..hub import resolve_model_dir
     from ..model.transformer import MotifVideoTransformer
+    from ..model_folder import transformer_folder
 
     out = Path(args.output)
     if out.is_dir():
         raise MotifVideoError(f"output {out} is a folder; give a file name such as {out / 'transformer.gguf'}")
     if out.suffix != ".gguf":
         raise MotifVideoError(f"output {out} should end in .gguf")
-    folder = resolve_model_dir(args.input)
-    subfolder = "transformer" if (folder / "transformer" / "config.json").is_file() else None
-    model = MotifVideoTransformer.from_pretrained(folder, subfolder)
+    model = MotifVideoTransformer.from_pretrained(transformer_folder(args.input))
     # GGUF files carry diffusers key names; a tied (original-layout) model is unfolded into them
     state_dict = to_layout(model.state_dict(), "diffusers")
     config = model.config.replace(cross_attention_form="untied")
