@@ -36,6 +36,7 @@ import re
 import shutil
 import struct
 import warnings
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -49,9 +50,6 @@ from ..errors import CheckpointError
 from .config import TrainConfig
 from .parallel import clean_name, is_distributed
 
-# One process saving or loading with torch.distributed.checkpoint is intended, not a mistake worth a warning.
-warnings.filterwarnings("ignore", message=r"torch\.distributed is (disabled, )?(unavailable|uninitialized|unavailable or "
-                        r"uninitialized), assuming the intent is to (save|load) in a single process")
 _STEP_DIR = re.compile(r"^step-(\d{8,})$")
 MAX_SHARD_BYTES = 5 * 1024**3
 FORMAT = 2
@@ -59,6 +57,14 @@ STATE_NAME = "trainer_state.json"
 OPTIMIZER_DIR = "optimizer"
 LEGACY_STATE_NAME = "trainer_state.pt"  # format 1
 LEGACY_OPTIMIZER_NAME = "optimizer.pt"
+
+
+@contextmanager
+def _quiet_single_process():
+    """One process saving or loading with torch.distributed.checkpoint is intended, not a mistake worth a warning."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r"torch\.distributed is .*assuming the intent is to")
+        yield
 
 
 def rank_and_world() -> tuple[int, int]:
@@ -202,8 +208,9 @@ def save_checkpoint(root: str | Path, step: int, *, module: nn.Module, optimizer
     barrier()
     torch.save(rng_state(), tmp / "rng" / f"rank-{rank:05d}.pt")
     # Sharded as in training: each rank writes its own shards of the AdamW moments, rank 0 the metadata.
-    dcp.save({"optimizer": get_optimizer_state_dict(module, optimizer)}, checkpoint_id=str(tmp / OPTIMIZER_DIR),
-             no_dist=not is_distributed())
+    with _quiet_single_process():
+        dcp.save({"optimizer": get_optimizer_state_dict(module, optimizer)}, checkpoint_id=str(tmp / OPTIMIZER_DIR),
+                 no_dist=not is_distributed())
     barrier()
     if rank == 0:
         transformer = module.transformer
@@ -303,7 +310,8 @@ def read_optimizer_state(checkpoint: Path) -> dict:
     if (checkpoint / OPTIMIZER_DIR).is_dir():
         from torch.distributed.checkpoint.state_dict_loader import _load_state_dict_from_keys
 
-        return _load_state_dict_from_keys(checkpoint_id=str(checkpoint / OPTIMIZER_DIR))["optimizer"]
+        with _quiet_single_process():
+            return _load_state_dict_from_keys(checkpoint_id=str(checkpoint / OPTIMIZER_DIR))["optimizer"]
     return torch.load(checkpoint / LEGACY_OPTIMIZER_NAME, map_location="cpu", weights_only=True)
 
 
@@ -415,7 +423,8 @@ def load_checkpoint(checkpoint: Path, *, module: nn.Module, optimizer, ema, conf
         # The target's own (sharded) layout; torch.distributed.checkpoint reads the overlapping pieces of whatever
         # shards the writing ranks saved.
         target = {"optimizer": get_optimizer_state_dict(module, optimizer)}
-        dcp.load(target, checkpoint_id=str(checkpoint / OPTIMIZER_DIR), no_dist=not distributed)
+        with _quiet_single_process():
+            dcp.load(target, checkpoint_id=str(checkpoint / OPTIMIZER_DIR), no_dist=not distributed)
         set_optimizer_state_dict(module, optimizer, target["optimizer"])
     else:
         optim = {}
