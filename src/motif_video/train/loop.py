@@ -416,15 +416,14 @@ class Trainer:
         moved = []
         if self.is_main and bad:
             moved = set_aside(bad, "diverged")
-        barrier_names = broadcast_from_main([p.name for p in moved])
+        moved_names = broadcast_from_main([p.name for p in moved])
         where = (f"the last good checkpoint is {good}" if good else
                  "no checkpoint from before the blow-up exists")
-        if barrier_names:
-            where += f" ({len(barrier_names)} later one(s) with blown-up weights renamed to {barrier_names[0]}...)"
-        lr = self.config.optim.lr
+        if moved_names:
+            where += f" ({len(moved_names)} later one(s) with blown-up weights renamed to {moved_names[0]}...)"
         return (f"training diverged: {what} is {value} at step {step}; stopped before the update, {where}; "
-                f"lower the learning rate and resume: motif-video train {self.output_dir} --override "
-                f"optim.lr={lr / 10:g} (or raise optim.warmup_steps)")
+                f"lower optim.lr (now {self.config.optim.lr:g}) or raise optim.warmup_steps and resume: "
+                f"motif-video train {self.output_dir} --override optim.lr=...")
 
     def _log(self, step: int, metrics: dict) -> None:
         if not self.is_main:
