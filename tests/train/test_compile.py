@@ -1,5 +1,6 @@
 """Regional compilation in training: each block compiled in place, the step unchanged."""
 
+import os
 import shutil
 
 import pytest
@@ -10,13 +11,15 @@ from motif_video.train.loop import train
 from tests.train.engine_helpers import build_config, make_cache, one_thread  # noqa: F401
 
 
-def runs(tmp_path, backend, steps):
-    cache = make_cache(tmp_path / "cache")
+def runs(tmp_path, backend, steps, *, full=True):
+    """Eager and compiled runs; `full`: two buckets, routing and activation checkpointing (more graphs)."""
+    cache = make_cache(tmp_path / "cache", n_videos=4 if full else 0)
+    extra_sections = {"routing": {"selection_ratio": 0.5, "start_layer": 1, "end_layer": 3},
+                      "grad_checkpointing": True} if full else {}
     out = []
     for name, extra in (("eager", {}), (backend, {"compile": True, "compile_backend": backend})):
         config = build_config(tmp_path / name, cache, optim={"lr": 1e-3, "steps": steps},
-                              routing={"selection_ratio": 0.5, "start_layer": 1, "end_layer": 3},
-                              checkpointing={"every": steps, "keep_last": 1}, grad_checkpointing=True, **extra)
+                              checkpointing={"every": steps, "keep_last": 1}, **extra_sections, **extra)
         out.append(train(config))
     return out
 
@@ -39,8 +42,11 @@ def test_compiled_blocks_train_like_eager(tmp_path):
 
 @pytest.mark.skipif(shutil.which("c++") is None and shutil.which("g++") is None,
                     reason="inductor's CPU backend needs a C++ compiler (none on PATH)")
+@pytest.mark.skipif(not os.environ.get("MOTIF_VIDEO_INDUCTOR_TEST"),
+                    reason="inductor builds C++ kernels for every block graph, forward and backward: 3 CPU-minutes on "
+                           "one core, so it runs only with MOTIF_VIDEO_INDUCTOR_TEST=1")
 def test_inductor_smoke(tmp_path):
-    """One short inductor run: the generated kernels train (about a minute of compilation on a CPU)."""
+    """One short inductor run (one bucket, no routing): the generated kernels train like eager."""
     torch._dynamo.reset()
-    eager, compiled = runs(tmp_path, "inductor", 2)
+    eager, compiled = runs(tmp_path, "inductor", 2, full=False)
     assert compiled.losses == pytest.approx(eager.losses, abs=1e-4, rel=1e-4)
