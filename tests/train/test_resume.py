@@ -179,6 +179,13 @@ def test_the_run_folder_given_is_the_run(tmp_path, capsys):
     code = cli_main(["train", str(tmp_path / "moved" / "checkpoints" / "step-00000002")])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and "not the run's latest checkpoint" in err[0]
+    # a checkpoint copied out of its run is not trained into
+    shutil.copytree(tmp_path / "moved" / "checkpoints" / "step-00000004", tmp_path / "lone")
+    code = cli_main(["train", str(tmp_path / "lone")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "outside a run folder" in err[0]
+    assert sorted(p.name for p in (tmp_path / "lone").iterdir()) == sorted(
+        p.name for p in (tmp_path / "moved" / "checkpoints" / "step-00000004").iterdir())
 
 
 def test_one_training_run_per_output_dir(tmp_path, capsys):

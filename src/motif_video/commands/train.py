@@ -31,7 +31,7 @@ def register(subparsers) -> None:
 
 def run(args) -> int:
     from ..errors import ConfigError
-    from ..train.checkpoint import list_checkpoints, resolve_checkpoint, run_folder
+    from ..train.checkpoint import checkpoint_step, list_checkpoints, resolve_checkpoint, run_folder
     from ..train.config import load_config
     from ..train.loop import train
 
@@ -42,8 +42,11 @@ def run(args) -> int:
         # A run folder or checkpoint: its saved config, resumed (what else would one want from a run folder?).
         checkpoint = resolve_checkpoint(source)
         run = run_folder(source)
+        if checkpoint == run:
+            raise ConfigError(f"{source} is a checkpoint outside a run folder: put it under RUN/checkpoints/ to resume "
+                              "it, or start a new run from its weights with stage.init_from")
         latest = list_checkpoints(run / "checkpoints")
-        if checkpoint.parent.name == "checkpoints" and latest and checkpoint != latest[-1]:
+        if checkpoint_step(source) >= 0 and latest and checkpoint != latest[-1]:
             raise ConfigError(f"{checkpoint} is not the run's latest checkpoint ({latest[-1].name}); a run resumes "
                               "from its latest: move the newer ones out of checkpoints/ to resume from this one")
         # The folder given is the run, wherever it was first written (moved or copied runs continue in place).
