@@ -153,15 +153,22 @@ def to_format_1(checkpoint, global_batch: int):
 
 
 def test_checkpoints_of_the_previous_format_resume(tmp_path):
+    """Two format-1 checkpoints, the newer with a truncated optimizer.pt: resume falls back to the older one and
+    continues exactly."""
     cache = make_cache(tmp_path / "cache", n_images=4, n_videos=6)
-    sections = dict(optim={"lr": 1e-3, "steps": 6}, checkpointing={"every": 3, "keep_last": 2})
+    sections = dict(optim={"lr": 1e-3, "steps": 8}, checkpointing={"every": 3, "keep_last": 2})
     full = train(build_config(tmp_path / "full", cache, **sections))
     config = build_config(tmp_path / "cut", cache, **sections)
     with pytest.raises(Crash):
-        train(config, callbacks=[crash_after(4)])
-    to_format_1(tmp_path / "cut" / "run" / "checkpoints" / "step-00000003", 2)
-    resumed = train(config, resume=True)
-    assert sorted(resumed.losses) == [4, 5, 6]
+        train(config, callbacks=[crash_after(7)])
+    root = tmp_path / "cut" / "run" / "checkpoints"
+    for name in ("step-00000003", "step-00000006"):
+        to_format_1(root / name, 2)
+    optimizer = root / "step-00000006" / "optimizer.pt"
+    optimizer.write_bytes(optimizer.read_bytes()[:200])
+    with pytest.warns(UserWarning, match="optimizer.pt is unreadable"):
+        resumed = train(config, resume=True)
+    assert sorted(resumed.losses) == [4, 5, 6, 7, 8]
     for step in resumed.losses:
         assert resumed.losses[step] == pytest.approx(full.losses[step], abs=1e-6, rel=0)
 
