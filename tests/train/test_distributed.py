@@ -11,7 +11,7 @@ import sys
 import pytest
 import torch
 
-from motif_video.train.checkpoint import list_checkpoints, read_weights
+from motif_video.train.checkpoint import list_checkpoints, read_optimizer_state, read_weights
 from tests.train.engine_helpers import base_config, make_cache, read_log
 
 import yaml
@@ -52,7 +52,8 @@ def test_two_processes_match_one_and_resume(tmp_path):
     run([str(path), "--override", f"output_dir={tmp_path / 'two'}", "optim.steps=4", "grad_checkpointing=true"],
         2, tmp_path)
     first = list_checkpoints(tmp_path / "two" / "checkpoints")[-1]
-    assert sorted(p.name for p in first.glob("rank-*.pt")) == ["rank-00000.pt", "rank-00001.pt"]
+    assert sorted(p.name for p in (first / "rng").glob("rank-*.pt")) == ["rank-00000.pt", "rank-00001.pt"]
+    assert sorted(p.name for p in (first / "optimizer").glob("*.distcp")) == ["__0_0.distcp", "__1_0.distcp"]
     run([str(tmp_path / "two"), "--override", "optim.steps=6"], 2, tmp_path)
 
     one, two = read_log(tmp_path / "one"), read_log(tmp_path / "two")
@@ -68,8 +69,8 @@ def test_two_processes_match_one_and_resume(tmp_path):
         assert set(wa) == set(wb)
         assert max((wa[k] - wb[k]).abs().max().item() for k in wa) < 1e-4
     # the sharded run's optimizer state was gathered whole
-    optim_a = torch.load(a / "optimizer.pt", weights_only=True)
-    optim_b = torch.load(b / "optimizer.pt", weights_only=True)
+    optim_a = read_optimizer_state(a)
+    optim_b = read_optimizer_state(b)
     assert set(optim_a["state"]) == set(optim_b["state"])
     key = "transformer.x_embedder.proj.weight"
     assert torch.allclose(optim_a["state"][key]["exp_avg_sq"], optim_b["state"][key]["exp_avg_sq"], rtol=1e-3,

@@ -2,6 +2,10 @@
 
 - Activation checkpointing: torch's composable `checkpoint` on each block. Unlike `checkpoint_wrapper` it adds no
   `_checkpoint_wrapped_module` level, so parameter names (checkpoints, LoRA adapters, EMA) stay diffusers' names.
+- Regional compilation: each block compiled in place (`nn.Module.compile`: the module keeps its class and its
+  parameter names, so checkpoints and EMA do not see it). Blocks of one kind share one graph, so warm-up is one
+  compile per block kind; FSDP2's hooks stay outside the graphs (dynamo skips them), so the all-gathers and
+  reduce-scatters are the same with and without it.
 - FSDP2: `fully_shard` on every block, then on the transformer (embedders, output head), then on the root module
   (REPA projector). The transformer being a unit of its own lets validation sampling call it directly, through the
   generation pipeline, and still have its weights gathered. Parameters
@@ -40,12 +44,30 @@ def full_tensor(t: torch.Tensor) -> torch.Tensor:
     return t.full_tensor() if isinstance(t, DTensor) else t
 
 
-def mean_across_ranks(value: torch.Tensor) -> torch.Tensor:
+def sum_across_ranks(value: torch.Tensor) -> torch.Tensor:
     value = full_tensor(value.detach()).float().clone()
     if is_distributed():
         dist.all_reduce(value, op=dist.ReduceOp.SUM)
-        value /= dist.get_world_size()
     return value
+
+
+def weight_norm(params: list[torch.Tensor]) -> float:
+    """L2 norm of all (possibly sharded) parameters together; a collective under FSDP2."""
+    from torch.distributed.tensor import DTensor
+
+    local = torch.zeros((), dtype=torch.float64)
+    for p in params:
+        shard = p.to_local() if isinstance(p, DTensor) else p
+        local += shard.detach().double().pow(2).sum().cpu()
+    if is_distributed():
+        dist.all_reduce(local, op=dist.ReduceOp.SUM)
+    return float(local.sqrt())
+
+
+def apply_compile(transformer: nn.Module, backend: str = "inductor") -> None:
+    """torch.compile every block in place; shapes are static per bucket, so each bucket compiles once."""
+    for block in transformer.blocks:
+        block.compile(backend=backend, dynamic=False)
 
 
 def apply_activation_checkpointing(transformer: nn.Module) -> None:
@@ -93,11 +115,14 @@ def reshard(module: nn.Module) -> None:
 
 
 def parallelize(module: nn.Module, transformer: nn.Module, *, device: torch.device, compute_dtype: torch.dtype,
-                grad_checkpointing: bool, reshard_after_forward: bool = True) -> nn.Module:
+                grad_checkpointing: bool, reshard_after_forward: bool = True, compile_backend: str | None = None
+                ) -> nn.Module:
     """`module` (the TrainModule holding `transformer`) made ready for training on this process's device."""
     module.to(device)
     if grad_checkpointing:
         apply_activation_checkpointing(transformer)
+    if compile_backend is not None:
+        apply_compile(transformer, compile_backend)
     if is_distributed():
         apply_fsdp(module, transformer, device.type, compute_dtype, reshard_after_forward)
     return module
