@@ -85,9 +85,26 @@ def _agree(index: dict, header: dict, where) -> None:
     for name, value in header.items():
         if value is None:
             continue
-        if index.get(name) not in (None, value):
-            raise ConfigError(f"cache {where} holds {name}={index[name]!r}, not {value!r}")
+        recorded = index.get(name)
+        # Models are compared as names (an older cache may record an install path, a newer one a portable name).
+        same = recorded in (None, value) or (name in ("text_encoder", "teacher") and isinstance(recorded, str)
+                                             and same_source(recorded, value, by_name=name == "teacher"))
+        if not same:
+            raise ConfigError(f"cache {where} holds {name}={recorded!r}, not {value!r}")
         index[name] = value
+
+
+def check_append(folder: Path, header: dict, keyed_by_source: bool = False) -> dict | None:
+    """The index of the cache in `folder` (None: no cache yet), with `header` filled in; ConfigError when samples
+    with this header cannot join it."""
+    if not (folder / INDEX_NAME).is_file():
+        return None
+    index = read_index(folder)
+    if keyed_by_source and any("source" not in r for r in index["samples"]):
+        raise ConfigError(f"cache {folder} was written before samples were keyed by their source clip, so caching "
+                          "into it again would duplicate them: cache into a new folder")
+    _agree(index, header, folder)
+    return index
 
 
 class CachedLatentWriter:
@@ -114,12 +131,7 @@ class CachedLatentWriter:
         self.trim_text_padding = trim_text_padding
         self.part = part
         header = {"text_encoder": text_encoder, "teacher": teacher, "frame_rate": frame_rate}
-        merged = read_index(self.folder) if (self.folder / INDEX_NAME).is_file() else None
-        if merged is not None:
-            _agree(merged, header, self.folder)
-            if keyed_by_source and any("source" not in r for r in merged["samples"]):
-                raise ConfigError(f"cache {self.folder} was written before samples were keyed by their source clip, "
-                                  "so caching into it again would duplicate them: cache into a new folder")
+        merged = check_append(self.folder, header, keyed_by_source)
         if part is None:
             self.index = merged if merged is not None else _new_index(header)
             self._index_path = self.folder / INDEX_NAME

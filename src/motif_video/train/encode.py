@@ -27,7 +27,7 @@ from ..pipeline.pipeline import GenerationDefaults, default_device_dtype, load_c
 from ..pipeline.text import PromptEncoder
 from ..pipeline.vae import LatentCodec
 from .buckets import Bucket, BucketSet
-from .cached import INDEX_NAME, PART_GLOB, CachedLatentWriter, CachedSample, merge_parts, sample_key
+from .cached import INDEX_NAME, PART_GLOB, CachedLatentWriter, CachedSample, check_append, merge_parts, sample_key
 from .data import Clip, describe_length, load_clip, probe_clip
 from .shards import open_source
 
@@ -189,6 +189,11 @@ def _encode(ranks: _Ranks, data, output, model, buckets, fps, teacher, batch_siz
 
         teacher_folder = resolve_model_dir(teacher)
 
+    header = {"text_encoder": portable_name(model, folder, "text_encoder"),
+              "teacher": _teacher_name(teacher) if teacher else None,
+              "frame_rate": float(fps) if fps is not None else "source"}
+    check_append(out, header, keyed_by_source=True)
+
     lock = None
     status: tuple[str, object]
     if ranks.rank == 0:
@@ -205,10 +210,8 @@ def _encode(ranks: _Ranks, data, output, model, buckets, fps, teacher, batch_siz
     if kind == "error":
         raise ConfigError(value)
     try:
-        writer = CachedLatentWriter(out, text_encoder=portable_name(model, folder, "text_encoder"),
-                                    teacher=_teacher_name(teacher) if teacher else None,
-                                    frame_rate=float(fps) if fps is not None else "source", shard_bytes=shard_bytes,
-                                    part=f"{value:04d}-{ranks.rank:05d}", keyed_by_source=True)
+        writer = CachedLatentWriter(out, **header, shard_bytes=shard_bytes, part=f"{value:04d}-{ranks.rank:05d}",
+                                    keyed_by_source=True)
         summary = CacheSummary(out)
         _encode_clips(ranks, source, writer, summary, folder, index, buckets, fps, teacher_folder, batch_size,
                       device, progress)
@@ -220,6 +223,10 @@ def _encode(ranks: _Ranks, data, output, model, buckets, fps, teacher, batch_siz
             for result in results:
                 summary.add(result)
             summary.total = len(merge_parts(out, remove_orphans=True)["samples"])
+            if summary.total == 0:
+                raise ConfigError(f"nothing was cached from {data}: {len(summary.skipped)} clips or shards unreadable, "
+                                  f"{summary.unplaced} fit no bucket of {buckets!r}"
+                                  + (f" ({summary.skipped[0][0]}: {summary.skipped[0][1]})" if summary.skipped else ""))
         return summary
     finally:
         workdir.cleanup()

@@ -66,7 +66,7 @@ def shard_urls(spec: str) -> list[str]:
     for url in urls:
         if not url.lower().endswith(SHARD_SUFFIXES):
             raise ConfigError(f"{url} is not a tar shard (names end in {', '.join(SHARD_SUFFIXES)})")
-        if "://" not in url and not Path(url).is_file():
+        if "://" not in url and not Path(url).exists():
             raise ConfigError(f"tar shard {url} does not exist")
     if not urls:
         raise ConfigError(f"{spec} names no tar shards")
@@ -83,7 +83,9 @@ def _split(name: str) -> tuple[str, str]:
 
 def _members(url: str) -> Iterator[tuple[str, dict[str, bytes]]]:
     """(key, {field: bytes}) of each sample in one shard, streaming it once from start to end."""
-    with fsspec.open(url, "rb") as raw, tarfile.open(fileobj=raw, mode="r|*") as tar:
+    # Local shards are opened directly (a named pipe streams too); anything else through fsspec.
+    opened = fsspec.open(url, "rb") if "://" in url else open(url, "rb")
+    with opened as raw, tarfile.open(fileobj=raw, mode="r|*") as tar:
         key, fields = None, {}
         for member in tar:
             if not member.isfile():
