@@ -157,6 +157,28 @@ def test_tar_shards_give_the_cache_of_their_folder(corpus, tmp_path, capsys, cap
     assert "cached 0 new samples" in capsys.readouterr().out
 
 
+def test_tar_shards_stream_over_http(corpus, tmp_path, capsys):
+    from functools import partial
+    from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+
+    make_shards(corpus["data"], tmp_path / "shards", per_shard=4)
+    class Quiet(SimpleHTTPRequestHandler):
+        def log_message(self, *args):
+            pass
+
+    handler = partial(Quiet, directory=str(tmp_path / "shards"))
+    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}/shard-{{00000..00002}}.tar"  # the third is missing
+        assert cli_main(["cache", url, str(tmp_path / "c"), "--model", str(corpus["model"]), *BUCKETS,
+                         "--quiet"]) == 0
+    finally:
+        server.shutdown()
+    assert "3 unreadable were skipped" in capsys.readouterr().out  # noise.mp4, cut.mp4, the missing shard
+    assert_same_cache(tmp_path / "c", corpus["reference"])
+
+
 def test_tar_frames_sample_equals_its_frame_folder(corpus, tmp_path):
     """A sample stored as numbered PNG frames caches like the same frames as a frame folder listed in metadata."""
     data = tmp_path / "data"

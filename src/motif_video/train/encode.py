@@ -251,6 +251,7 @@ def _encode_clips(ranks, source, writer: CachedLatentWriter, summary: CacheSumma
         teacher_model = build_teacher(teacher).to(device)
 
     def skip(clip: Clip, reason: str) -> None:
+        reason = reason.replace(str(clip.path), clip.source or str(clip.path))  # not a tar member's extracted copy
         summary.skipped.append((str(clip.source or clip.path), reason))
         log.warning("skipping %s: %s", clip.source or clip.path, reason)
 

@@ -63,6 +63,11 @@ def shard_urls(spec: str) -> list[str]:
             urls += sorted(p if protocol == "file" else f"{protocol}://{p}" for p in paths)
         else:
             urls.append(pattern)
+    for protocol in sorted({url.partition("://")[0] for url in urls if "://" in url}):
+        try:
+            fsspec.get_filesystem_class(protocol)
+        except (ImportError, ValueError) as e:
+            raise ConfigError(f"cannot read {protocol}:// shards: {str(e).splitlines()[0]}") from None
     for url in urls:
         if not url.lower().endswith(SHARD_SUFFIXES):
             raise ConfigError(f"{url} is not a tar shard (names end in {', '.join(SHARD_SUFFIXES)})")
@@ -84,7 +89,12 @@ def _split(name: str) -> tuple[str, str]:
 def _members(url: str) -> Iterator[tuple[str, dict[str, bytes]]]:
     """(key, {field: bytes}) of each sample in one shard, streaming it once from start to end."""
     # Local shards are opened directly (a named pipe streams too); anything else through fsspec.
-    opened = fsspec.open(url, "rb") if "://" in url else open(url, "rb")
+    if "://" not in url:
+        opened = open(url, "rb")
+    elif url.startswith(("http://", "https://")):
+        opened = fsspec.open(url, "rb", block_size=0)  # a plain stream: no range requests, any web server serves it
+    else:
+        opened = fsspec.open(url, "rb")
     with opened as raw, tarfile.open(fileobj=raw, mode="r|*") as tar:
         key, fields = None, {}
         for member in tar:
@@ -132,7 +142,7 @@ class TarShardSource:
                             return
             except (OSError, tarfile.TarError, EOFError) as e:
                 # A truncated or unreachable shard loses what follows the fault, not the run.
-                self._skip(url, f"cannot read the shard: {e}")
+                self._skip(url, f"cannot read the shard ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})")
 
     def _clip(self, url: str, key: str, fields: dict[str, bytes]) -> Clip | None:
         where = f"{url}:{key}"
