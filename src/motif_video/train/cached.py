@@ -2,15 +2,18 @@
 
 Training at scale never runs the VAE or the text encoder: `motif-video cache` encodes every clip once and writes
 
-    <folder>/index.json                 format, version, text_encoder, teacher, dims, one record per sample
-    <folder>/shard-00000.safetensors    per sample `<key>.latents` (16, T', H', W') normalised VAE latents,
+    <folder>/index.json                 format, version, text_encoder, teacher, frame_rate, dims, one record per
+                                        sample (key, source, caption, bucket, latent_shape, text_len, shard)
+    <folder>/shard-*.safetensors        per sample `<key>.latents` (16, T', H', W') normalised VAE latents,
                                         `<key>.text` (L, D) text states, `<key>.text_mask` (L,) uint8,
                                         optional `<key>.teacher` (N_t, D_t) frozen REPA teacher features
     <folder>/empty_prompt.safetensors   optional `text` (L, D) + `text_mask` (L,) of the empty prompt (CFG dropout)
 
 Images are 1-frame clips (T' = 1). Each record carries its pixel bucket key "FRAMESxHEIGHTxWIDTH" (as
 `train.buckets.Bucket`; by default derived from the latent shape): samples that share one have the same latent
-shape, so a batch drawn from one bucket stacks without padding.
+shape, so a batch drawn from one bucket stacks without padding. A sample's key derives from its clip's identity
+(`source`) and bucket (`sample_key`); samples written without a source (and caches written before sources were
+recorded) have running-counter keys `s00000000`, ... and read the same way.
 """
 
 from __future__ import annotations
