@@ -131,15 +131,27 @@ def test_keys_derive_from_the_source_and_a_rerun_skips(corpus, tmp_path, capsys)
         (corpus["data"] / "late.png").unlink()
         (corpus["data"] / "late.txt").unlink()
     out = capsys.readouterr().out
-    assert "cached 1 new samples" in out and "6 clips were cached already" in out
+    assert "cached 1 new samples" in out and "6 already cached" in out
     assert len(CachedLatentDataset(copy)) == 7
 
 
 def test_broken_clips_are_skipped_and_logged(corpus, tmp_path, capsys, caplog):
     assert cli_main(["cache", str(corpus["data"]), str(tmp_path / "c"), "--model", str(corpus["model"]), *BUCKETS,
                      "--quiet"]) == 0
-    assert "2 unreadable were skipped" in capsys.readouterr().out
+    assert "2 unreadable (skipped)" in capsys.readouterr().out
     assert "skipping noise.mp4: cannot open" in caplog.text and "skipping cut.mp4" in caplog.text
+
+    # metadata that gives every number: the broken clip is first opened while its batch is decoded
+    rows = [{"path": str(corpus["data"] / name), "caption": "x", "fps": 24, "num_frames": 9, "height": 32,
+             "width": 32} for name in ("clip_00000.mp4", "noise.mp4", "clip_00002.mp4")]
+    (tmp_path / "meta.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    caplog.clear()
+    assert cli_main(["cache", str(tmp_path / "meta.jsonl"), str(tmp_path / "m"), "--model", str(corpus["model"]),
+                     *BUCKETS, "--batch-size", "3", "--quiet"]) == 0
+    assert "1 unreadable (skipped)" in capsys.readouterr().out
+    assert "noise.mp4: decode failed" in caplog.text
+    assert sorted(Path(r["source"]).name for _, r in CachedLatentDataset(tmp_path / "m").records) == \
+        ["clip_00000.mp4", "clip_00002.mp4"]
     assert len(CachedLatentDataset(tmp_path / "c")) == 6
 
 
@@ -149,7 +161,7 @@ def test_tar_shards_give_the_cache_of_their_folder(corpus, tmp_path, capsys, cap
     spec = str(tmp_path / "shards" / "shard-{00000..00002}.tar")
     assert cli_main(["cache", spec, str(tmp_path / "c"), "--model", str(corpus["model"]), *BUCKETS,
                      "--batch-size", "3", "--quiet"]) == 0
-    assert "skipping noise.mp4" in caplog.text and "2 unreadable were skipped" in capsys.readouterr().out
+    assert "skipping noise.mp4" in caplog.text and "2 unreadable (skipped)" in capsys.readouterr().out
     assert_same_cache(tmp_path / "c", corpus["reference"])
     # a glob names the same shards; as a URL (file://) through fsspec likewise
     assert cli_main(["cache", f"file://{tmp_path}/shards/*.tar", str(tmp_path / "c"), "--model",
@@ -175,7 +187,7 @@ def test_tar_shards_stream_over_http(corpus, tmp_path, capsys):
                          "--quiet"]) == 0
     finally:
         server.shutdown()
-    assert "3 unreadable were skipped" in capsys.readouterr().out  # noise.mp4, cut.mp4, the missing shard
+    assert "3 unreadable (skipped)" in capsys.readouterr().out  # noise.mp4, cut.mp4, the missing shard
     assert_same_cache(tmp_path / "c", corpus["reference"])
 
 
@@ -301,7 +313,8 @@ def test_caches_written_before_still_load_and_refuse_duplicating(corpus, tmp_pat
 
 
 @pytest.mark.parametrize("case", ["output-file", "foreign-folder", "fps-0", "fps-nan", "limit-0", "batch-0",
-                                  "shard-size-0", "missing-shard", "not-a-shard", "other-fps", "locked"])
+                                  "shard-size-0", "missing-shard", "not-a-shard", "other-fps", "locked",
+                                  "unwritable"])
 def test_bad_cache_input_is_one_line(corpus, tmp_path, capsys, case):
     model, data = str(corpus["model"]), str(corpus["data"])
     out = tmp_path / "out"
@@ -334,6 +347,8 @@ def test_bad_cache_input_is_one_line(corpus, tmp_path, capsys, case):
         out.mkdir()
         held = open(out / ".cache.lock", "a")
         fcntl.flock(held, fcntl.LOCK_EX)
+    elif case == "unwritable":
+        args[2] = "/proc/motif-video-cache"  # not writable even by root
     before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} if out.exists() else None
     assert cli_main(args) == 2
     err = capsys.readouterr().err

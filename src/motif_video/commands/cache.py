@@ -56,8 +56,8 @@ def run(args) -> int:
                              batch_size=args.batch_size, limit=args.limit, device=args.device,
                              progress=not args.quiet, shard_bytes=max(1, int(args.shard_size * (1 << 20))))
     if _is_first_process():
-        print(f"cached {summary.written} new samples into {summary.folder} (it holds {summary.total}); "
-              f"{summary.cached_before} clips were cached already, {len(summary.skipped)} unreadable were skipped, "
+        print(f"cached {summary.written} new samples into {summary.folder} (it now holds {summary.total}); "
+              f"{summary.cached_before} already cached, {len(summary.skipped)} unreadable (skipped), "
               f"{summary.unplaced} fit no bucket")
     return 0
 

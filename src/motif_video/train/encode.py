@@ -237,7 +237,8 @@ def _encode(ranks: _Ranks, data, output, model, buckets, fps, teacher, batch_siz
 def _encode_clips(ranks, source, writer: CachedLatentWriter, summary: CacheSummary, folder, index,
                   buckets: BucketSet, fps, teacher, batch_size, device, progress) -> None:
     if device is None and ranks.world > 1 and torch.cuda.is_available():
-        device = f"cuda:{ranks.local_rank}"
+        device = f"cuda:{ranks.local_rank % torch.cuda.device_count()}"  # more processes than GPUs share them
+        torch.cuda.set_device(torch.device(device))
     device, dtype = default_device_dtype(device, None)
     codec = LatentCodec(load_component(folder, index, "vae", torch_dtype=torch.float32).eval().to(device))
     defaults = GenerationDefaults.from_folder(folder)
