@@ -79,7 +79,8 @@ def _teacher_name(teacher) -> str:
 
 class _Ranks:
     """This process's place in a torchrun job (one process: rank 0 of 1). Only small Python objects cross
-    processes, so gloo serves CPU and GPU jobs alike."""
+    processes, so gloo serves CPU and GPU jobs alike. The processes connect (`connect`) only after the checks that
+    every one of them makes alike: a mistake is then one line from each, not a broken connection."""
 
     def __init__(self):
         import torch.distributed as dist
@@ -91,10 +92,12 @@ class _Ranks:
         else:
             self.world = int(os.environ.get("WORLD_SIZE", "1"))
             self.rank = int(os.environ.get("RANK", "0"))
-            if self.world > 1:
-                dist.init_process_group("gloo")
-                self.owned = True
         self.local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+
+    def connect(self) -> None:
+        if self.world > 1 and not self.dist.is_initialized():
+            self.dist.init_process_group("gloo")
+            self.owned = True
 
     def broadcast(self, obj):
         if self.world == 1:
@@ -194,6 +197,7 @@ def _encode(ranks: _Ranks, data, output, model, buckets, fps, teacher, batch_siz
               "frame_rate": float(fps) if fps is not None else "source"}
     check_append(out, header, keyed_by_source=True)
 
+    ranks.connect()
     lock = None
     status: tuple[str, object]
     if ranks.rank == 0:
