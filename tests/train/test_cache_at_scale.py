@@ -170,10 +170,18 @@ def test_tar_shards_give_the_cache_of_their_folder(corpus, tmp_path, capsys, cap
 
 
 def test_tar_shards_stream_over_http(corpus, tmp_path, capsys):
+    """Shards written by the `webdataset` package itself, served by a plain web server."""
     from functools import partial
     from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 
-    make_shards(corpus["data"], tmp_path / "shards", per_shard=4)
+    import webdataset
+
+    (tmp_path / "shards").mkdir()
+    with webdataset.ShardWriter(str(tmp_path / "shards" / "shard-%05d.tar"), maxcount=4) as sink:
+        for media in sorted(p for p in corpus["data"].iterdir() if p.suffix != ".txt"):
+            sink.write({"__key__": media.stem, media.suffix[1:]: media.read_bytes(),
+                        "txt": media.with_suffix(".txt").read_text(), "json": {"source": "procedural"}})
+    assert len(list((tmp_path / "shards").glob("*.tar"))) == 2
     class Quiet(SimpleHTTPRequestHandler):
         def log_message(self, *args):
             pass
