@@ -3,7 +3,7 @@
 Sources: a folder (every clip or image next to a same-name `.txt` caption) or a CSV / JSONL metadata file (columns
 `path`, `caption`, optional `fps`, `num_frames`, `height`, `width`; paths relative to the metadata file). Images
 are 1-frame clips. Metadata that already carries the frame count, size and fps lets a dataset of millions of clips
-be bucketed without opening a single file.
+be bucketed without opening a single file. WebDataset tar shards, local or by URL, are read by `train.shards`.
 
 A long run must not die on one bad file: clips that cannot be opened or have no frames are skipped with a warning
 and counted (`ClipDataset.num_skipped`), both when the dataset is built and when a clip later fails to decode.

@@ -140,9 +140,10 @@ class TarShardSource:
                         yielded += 1
                         if self.limit is not None and yielded >= self.limit:
                             return
-            except (OSError, tarfile.TarError, EOFError) as e:
+            except Exception as e:  # noqa: BLE001 - archive, filesystem and network faults of whichever library
                 # A truncated or unreachable shard loses what follows the fault, not the run.
-                self._skip(url, f"cannot read the shard ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})")
+                reason = str(e).splitlines()[0] if str(e) else ""
+                self._skip(url, f"cannot read the shard ({type(e).__name__}: {reason})")
 
     def _clip(self, url: str, key: str, fields: dict[str, bytes]) -> Clip | None:
         where = f"{url}:{key}"
@@ -155,7 +156,7 @@ class TarShardSource:
             self._skip(where, f"bad JSON metadata: {e}")
             return None
         text = next((data for f, data in fields.items() if f.lower() == "txt"), None)
-        caption = text.decode("utf-8", "replace").strip() if text is not None else str(meta.get("caption") or "").strip()
+        caption = (text.decode("utf-8", "replace") if text is not None else str(meta.get("caption") or "")).strip()
         if not caption:
             self._skip(where, "no caption (.txt or a JSON 'caption')")
             return None
