@@ -169,6 +169,20 @@ def test_tar_shards_give_the_cache_of_their_folder(corpus, tmp_path, capsys, cap
     assert "cached 0 new samples" in capsys.readouterr().out
 
 
+def test_a_truncated_shard_keeps_the_samples_before_the_fault(corpus, tmp_path, caplog):
+    shard = make_shards(corpus["data"], tmp_path / "shards", per_shard=100)[0]
+    with tarfile.open(shard) as tar:
+        members = tar.getmembers()
+    cut_at = next(m for m in members if m.name == "./clip_00002.mp4")  # the third clip's first member
+    data = shard.read_bytes()
+    shard.write_bytes(data[: cut_at.offset_data + cut_at.size // 2])
+    assert cli_main(["cache", str(shard), str(tmp_path / "c"), "--model", str(corpus["model"]), *BUCKETS,
+                     "--quiet"]) == 0
+    assert "cannot read the shard" in caplog.text
+    cached = sorted(r["source"] for _, r in CachedLatentDataset(tmp_path / "c").records)
+    assert cached == ["clip_00000.mp4", "clip_00001.mp4"]
+
+
 def test_tar_shards_stream_over_http(corpus, tmp_path, capsys):
     """Shards written by the `webdataset` package itself, served by a plain web server."""
     from functools import partial
@@ -229,14 +243,18 @@ def free_port() -> int:
 
 def test_two_processes_write_the_one_process_cache(corpus, tmp_path):
     out = tmp_path / "two"
+    # One process caches the first two clips; two processes then add the rest, skipping those.
+    assert cli_main(["cache", str(corpus["data"]), str(out), "--model", str(corpus["model"]), *BUCKETS,
+                     "--limit", "2", "--quiet"]) == 0
     result = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
          "-m", "motif_video.cli", "cache", str(corpus["data"]), str(out), "--model", str(corpus["model"]), *BUCKETS,
          "--batch-size", "2", "--quiet"], cwd=tmp_path, env=ENV, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert result.stdout.count("cached 6 new samples") == 1  # one summary, from the first process
-    # each process wrote its own shards; one merged index, no part left
-    shards = sorted(p.name for p in out.glob("shard-*"))
+    # one summary, from the first process
+    assert result.stdout.count("cached 4 new samples") == 1 and "2 already cached" in result.stdout
+    # each process of the second run wrote its own shards; one merged index, no part left
+    shards = sorted(p.name for p in out.glob("shard-0002-*"))
     assert {name.split("-")[2] for name in shards} == {"00000", "00001"}
     assert not list(out.glob("index-*.json"))
     assert_same_cache(out, corpus["reference"])
