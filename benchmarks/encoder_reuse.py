@@ -51,18 +51,20 @@ def main(argv=None) -> dict:
 
     from motif_video import MotifVideoPipeline
     from motif_video.flops import forward_flops, sampling_flops, video_tokens
+    from motif_video.latents import LATENT_CHANNELS, latent_shape
+    from motif_video.model_folder import default_dtype
     from motif_video.testing import save_tiny_pipeline
 
     device = torch.device(args.device)
     if args.threads:
         torch.set_num_threads(args.threads)
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    dtype = default_dtype(device)
     torch.set_grad_enabled(False)
     with tempfile.TemporaryDirectory() as tmp:
         folder = save_tiny_pipeline(Path(tmp) / "model", preset_name=args.preset, guidance_scale=args.guidance_scale)
         pipe = MotifVideoPipeline.from_pretrained(folder, device=str(device), dtype=dtype)
-    latent_grid = ((args.frames - 1) // 4 + 1, args.height // 8, args.width // 8)
-    latents = torch.randn((1, 16, *latent_grid), generator=torch.Generator().manual_seed(0))
+    latent_grid = latent_shape(args.frames, args.height, args.width)
+    latents = torch.randn((1, LATENT_CHANNELS, *latent_grid), generator=torch.Generator().manual_seed(0))
     common = dict(prompt=args.prompt, negative_prompt="bad quality, blurry", height=args.height, width=args.width,
                   num_frames=args.frames, latents=latents, guider="cfg", guidance_scale=args.guidance_scale,
                   progress=False)

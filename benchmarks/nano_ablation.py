@@ -64,7 +64,7 @@ def validation_cache(recipe: Path, work: Path, buckets: list[str], clips: int, s
 
 def teacher_path(recipe: Path) -> str:
     log = json.loads((recipe / "nano_recipe.json").read_text())
-    return log["plan"].get("teacher_from") or str(recipe / "teacher")
+    return str(recipe / (log["plan"].get("teacher_from") or "teacher"))  # logged relative to the run folder
 
 
 def train_variant(recipe: Path, work: Path, name: str, stage: int, steps: int, val_cache: Path, val_every: int):
@@ -89,7 +89,8 @@ def train_variant(recipe: Path, work: Path, name: str, stage: int, steps: int, v
     return {"variant": name, "stage": stage, "steps": steps, "seconds": round(seconds, 1),
             "seconds_per_step": round(step_seconds, 4), "parameters": params,
             "val": [{"step": s, "loss_ema": e, "loss": l} for s, e, l in val],
-            "flow_loss": [(r["step"], r["flow_loss"]) for r in train_rows], "run_dir": str(run_dir)}
+            "flow_loss": [(r["step"], r["flow_loss"]) for r in train_rows],
+            "run_dir": run_dir.relative_to(work).as_posix()}  # relative to --work
 
 
 def _transformer_params(run_dir: Path):
@@ -106,7 +107,7 @@ def benchmark(recipe: Path, work: Path, result: dict, prompts: int, steps: int) 
     model_dir = work / f"model-{result['variant']}-stage{result['stage']}"
     shutil.rmtree(model_dir, ignore_errors=True)
     shutil.copytree(recipe / "model", model_dir, ignore=shutil.ignore_patterns("transformer"))
-    export_transformer(Path(result["run_dir"]), model_dir)
+    export_transformer(work / result["run_dir"], model_dir)
     # Sampled exactly: the recipe's encoder-reuse schedule was calibrated on its own model, and a variant without
     # decoder blocks has no encoder output to reuse.
     report = evaluate(model_dir, recipe / "data" / "heldout_prompts.jsonl", model_dir / "eval", prompts, steps,

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import tempfile
 import time
 from pathlib import Path
@@ -127,7 +128,8 @@ def main() -> None:
                      f"| {row['alignment_change']:+.1f} | {100 * row['all_correct']:.1f}% "
                      f"| {row['subject_consistency']:.3f} |")
     args.out.mkdir(parents=True, exist_ok=True)
-    config = {**{k: str(v) for k, v in vars(args).items()}, "threads": torch.get_num_threads()}
+    config = {**{k: os.path.relpath(v) if isinstance(v, Path) else str(v) for k, v in vars(args).items()},
+              "threads": torch.get_num_threads()}  # paths relative to where it ran (the repository root)
     (args.out / "results.json").write_text(json.dumps({"config": config, "settings": results}, indent=1) + "\n")
     (args.out / "results.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))

@@ -19,6 +19,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from motif_video.model.backends import ATTENTION_BACKENDS
+
 
 def peak_memory_mb(device: torch.device) -> float:
     if device.type == "cuda":
@@ -47,7 +49,7 @@ def main() -> None:
     parser.add_argument("--guidance-scale", type=float, default=5.0)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--prompt", default="a small red circle moving to the left")
-    parser.add_argument("--attention", choices=["sdpa", "flash", "sage"], default="sdpa",
+    parser.add_argument("--attention", choices=list(ATTENTION_BACKENDS), default="sdpa",
                         help="our attention kernel (CUDA only; diffusers keeps its default)")
     parser.add_argument("--compile", action="store_true", help="torch.compile our transformer blocks")
     parser.add_argument("--json", default="benchmarks/results/vs_diffusers.json")
@@ -56,7 +58,7 @@ def main() -> None:
     from diffusers import MotifVideoPipeline as DiffusersPipeline
 
     from motif_video import MotifVideoPipeline
-    from motif_video.model.attention import set_attention_backend
+    from motif_video.model.backends import set_attention_backend
     from motif_video.testing import save_tiny_pipeline
 
     device = torch.device(args.device)
@@ -68,7 +70,7 @@ def main() -> None:
         reference = DiffusersPipeline.from_pretrained(str(folder), torch_dtype=dtype).to(device)
         reference.set_progress_bar_config(disable=True)
         ours = MotifVideoPipeline.from_pretrained(folder, device=str(device), dtype=dtype)
-    set_attention_backend(args.attention)
+    set_attention_backend(ours.transformer, args.attention)
     if args.compile:
         ours.compile_transformer()
 

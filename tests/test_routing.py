@@ -6,6 +6,8 @@ import torch
 
 from motif_video import MotifVideoTransformer
 from motif_video.errors import ConfigError
+from motif_video.model.layout import (DECODER, ENCODER, IMAGE, TEXT, VIDEO, AttentionInputs, AttentionLayout,
+                                      Segment)
 from motif_video.model.rope import rope_frequencies
 from motif_video.routing import RouteConfig, TokenRoute, sample_route
 from tests.conftest import randomize_
@@ -35,6 +37,16 @@ def batch():
     return latents, timestep, text, mask, image, kept
 
 
+def block_inputs(rope, grid, num_video, image_len=None, text_len=None):
+    """A block's attention inputs without masks (the reference trims padded text instead)."""
+    if image_len is None:  # decoder: [decoder stream; encoder tokens]
+        streams = (Segment(DECODER, num_video), Segment(ENCODER, num_video))
+        return AttentionInputs(AttentionLayout(streams, streams, grid), rope, None)
+    tokens = (Segment(VIDEO, num_video), Segment(IMAGE, image_len), Segment(TEXT, text_len))
+    cross = AttentionLayout(tokens[:1], tokens[2:], grid)
+    return AttentionInputs(AttentionLayout(tokens, tokens, grid), rope, None, image_len, cross, None)
+
+
 def reference_one(model, latents, timestep, text, image, kept, start, end, capture=None):
     """One sample; blocks in [start, end) read and write only the `kept` video tokens, the rest stay as they are."""
     c = model.config
@@ -52,9 +64,10 @@ def reference_one(model, latents, timestep, text, image, kept, start, end, captu
         active = kept if kept is not None and start <= i < end else everything
         rope = (cos[active], sin[active])
         if encoder_out is None:
-            out, context = block(video[:, active], context, temb, None, rope, None, image_tokens.shape[1])
+            inputs = block_inputs(rope, grid, len(active), image_tokens.shape[1], text.shape[1])
+            out, context = block(video[:, active], context, temb, inputs)
         else:
-            out, enc = block(video[:, active], encoder_out[:, active], temb, None, rope, None, 0)
+            out, enc = block(video[:, active], encoder_out[:, active], temb, block_inputs(rope, grid, len(active)))
             encoder_out = encoder_out.index_copy(1, active, enc)
         video = video.index_copy(1, active, out)
         if i == capture:

@@ -17,15 +17,15 @@ from dataclasses import dataclass
 import torch
 
 from .errors import MotifVideoError
+from .latents import token_grid
 from .model.config import TransformerConfig
 
 TIMESTEP_FEATURES = 256  # sinusoidal features fed to the timestep MLP (embeddings.TimestepEmbedding)
 
 
 def video_tokens(config: TransformerConfig, latent: tuple[int, int, int]) -> int:
-    """Tokens of a (T, H, W) latent after the 1 x 2 x 2 patch embedding."""
-    frames, height, width = latent
-    return (frames // config.patch_size_t) * (height // config.patch_size) * (width // config.patch_size)
+    """Tokens of a (T, H, W) latent after the patch embedding."""
+    return math.prod(token_grid(latent, config.patch))
 
 
 def _linear(tokens: int, fan_in: int, fan_out: int) -> int:
@@ -123,7 +123,7 @@ def forward_flops(c: TransformerConfig, num_video: int, text_tokens: int, image_
     if image_tokens and c.image_embed_dim is None:
         raise MotifVideoError("image tokens given for a model without an image projection (image_embed_dim)")
     context = text_tokens + image_tokens
-    patch_volume = c.patch_size_t * c.patch_size * c.patch_size
+    patch_volume = math.prod(c.patch)
     embed = (
         _linear(num_video, c.in_channels * patch_volume, d)  # Conv3d with stride = kernel: one product per token
         + _linear(1, TIMESTEP_FEATURES, d) + _linear(1, d, d)

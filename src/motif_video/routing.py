@@ -66,3 +66,51 @@ def gather_tokens(x: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
 def scatter_tokens(full: torch.Tensor, routed: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
     """Put the routed tokens back into a copy of `full`; tokens not kept keep their pre-route values."""
     return full.scatter(1, kept[..., None].expand(-1, -1, full.shape[-1]), routed)
+
+
+class RouteSpan:
+    """A `TokenRoute` inside one forward pass: which video tokens the current block runs on.
+
+    Blocks inside [start_layer, end_layer) see only the kept tokens: where the route starts, `move` gathers them
+    from each stream it is given (keeping the full streams); where it ends, `move` scatters the routed streams back
+    over the full ones, so the tokens that skipped the route carry their pre-route values. Tokens are picked by
+    global index, so a sequence-sharded stream (model/sharding.py) is gathered before and sharded again after.
+    `rope` and `kept` always describe the tokens the current block sees; `num_tokens` is their global count.
+    """
+
+    def __init__(self, route: TokenRoute | None, rope: tuple[torch.Tensor, torch.Tensor], num_tokens: int,
+                 sharding):
+        self.route, self.sharding = route, sharding
+        self.full_rope, self.num_video = rope, num_tokens
+        self.saved: list[torch.Tensor] = []  # the full streams (local part) while the route is active
+        self.active = False
+        self._leave()
+
+    def covers(self, index: int) -> bool:
+        return self.route is not None and self.route.start_layer <= index < self.route.end_layer
+
+    def moves_at(self, index: int) -> bool:
+        """Whether the token set changes before block `index` (the route starts or ends there)."""
+        return self.covers(index) != self.active
+
+    def move(self, *streams: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """Enter the route (full -> kept tokens of each stream) or leave it (kept tokens back into the full ones)."""
+        return self.exit(*streams) if self.active else self.enter(*streams)
+
+    def enter(self, *streams: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        kept, shard, gather = self.route.kept, self.sharding.shard, self.sharding.gather
+        self.saved = list(streams)
+        self.active, self.kept, self.num_tokens = True, kept, kept.shape[1]
+        self.rope = self.sharding.shard_rope(tuple(gather_tokens(r, kept) for r in self.full_rope))  # (B, N_kept, hd)
+        return tuple(shard(gather_tokens(gather(s, self.num_video), kept)) for s in streams)  # (B, N_kept, D)
+
+    def exit(self, *streams: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        kept, shard, gather = self.route.kept, self.sharding.shard, self.sharding.gather
+        full = [shard(scatter_tokens(gather(f, self.num_video), gather(s, kept.shape[1]), kept))
+                for f, s in zip(self.saved, streams, strict=True)]  # (B, N, D)
+        self._leave()
+        return tuple(full)
+
+    def _leave(self) -> None:
+        self.saved, self.active, self.kept, self.num_tokens = [], False, None, self.num_video
+        self.rope = self.sharding.shard_rope(self.full_rope)

@@ -1,4 +1,5 @@
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -63,6 +64,8 @@ def test_cli_writes_json_markdown_and_plots(dataset, tmp_path, capsys):
     assert len(results["clips"]) == 12 and results["summary"]["clips"] == 12
     clip = results["clips"][0]
     assert {"prompt", "expected", "measured", "color_correct", "shape_correct", "direction_correct"} <= set(clip)
+    assert all((out / c["path"]).resolve() == (dataset / Path(c["path"]).name).resolve() for c in results["clips"])
+    assert str(dataset) not in (out / "results.json").read_text()  # paths relative to the report folder
     md = (out / "report.md").read_text()
     assert "| dimension | score | clips |" in md and "| subject consistency |" in md and "clip_00000.mp4" in md
     for name in ("summary.png", "accuracy_by_value.png"):

@@ -11,6 +11,7 @@ from motif_video.cli import main as cli_main
 from motif_video.convert.layouts import (diffusers_to_tied, original_to_tied, tied_to_diffusers, tied_to_original,
                                          to_layout)
 from motif_video.errors import CheckpointError, ConfigError, MotifVideoError
+from motif_video.train.surgery import insert_shared_cross_attention
 from tests.conftest import randomize_
 
 
@@ -163,11 +164,11 @@ def test_inserting_cross_attention_leaves_output_bit_identical():
         for form in ("tied", "untied"):
             fresh = MotifVideoTransformer(cfg).eval()
             fresh.load_state_dict(model.state_dict())
-            fresh.insert_shared_cross_attention(form)
+            insert_shared_cross_attention(fresh, form)
             assert fresh.config.enable_text_cross_attention_single
             assert torch.equal(fresh(x, t, text, mask, image), before)
     with pytest.raises(MotifVideoError, match="already"):
-        fresh.insert_shared_cross_attention()
+        insert_shared_cross_attention(fresh)
 
 
 def test_bad_inputs_raise_one_clear_error():
@@ -235,6 +236,7 @@ def test_convert_cli_roundtrip_and_errors(tmp_path, capsys):
 
 
 def test_encoder_reuse_refresh_equals_full_forward_and_reuse_skips_the_encoder():
+    from motif_video.model.layout import DECODER, ENCODER, AttentionInputs, AttentionLayout, Segment
     from motif_video.model.transformer import EncoderCache
 
     model = randomize_(MotifVideoTransformer.from_preset("motif-video-tiny")).eval()
@@ -256,9 +258,10 @@ def test_encoder_reuse_refresh_equals_full_forward_and_reuse_skips_the_encoder()
         cfg = model.config
         temb = model.time_text_embed(t2)
         decoder, context = model.x_embedder(x2), encoder_tokens
-        rope = model.rope((3, 3, 5), x2.device)
+        streams = (Segment(DECODER, 45), Segment(ENCODER, 45))
+        inputs_ = AttentionInputs(AttentionLayout(streams, streams, (3, 3, 5)), model.rope((3, 3, 5), x2.device), None)
         for block in model.single_transformer_blocks[cfg.num_encoder_single_layers:]:
-            decoder, context = block(decoder, context, temb, None, rope)
+            decoder, context = block(decoder, context, temb, inputs_)
         patches = model.proj_out(model.norm_out(decoder, temb)).reshape(2, 3, 3, 5, 16, 1, 2, 2)
         expected = torch.einsum("bthwcqyx->bctqhywx", patches).reshape(2, 16, 3, 6, 10)
         assert torch.allclose(reused, expected, atol=1e-6)

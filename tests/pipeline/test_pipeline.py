@@ -90,6 +90,56 @@ def test_image_to_video_conditions_on_the_first_frame(pipe, tmp_path):
     assert np.abs(i2v - t2v).max() > 1e-3
 
 
+def test_image_to_video_input_holds_the_encoded_first_frame(pipe, tmp_path):
+    """The transformer's input at the first step: [noise | VAE latent of the image on frame 0 | mask 1 on frame 0],
+    the same assembly (latents.model_input) that image-to-video training uses; the latent is recomputed here with
+    diffusers' VAE and the config's normalisation."""
+    frame = np.zeros((32, 32, 3), np.uint8)
+    frame[8:24, 8:24] = (0, 255, 0)
+    Image.fromarray(frame).save(tmp_path / "first.png")
+    seen = []
+    handle = pipe.transformer.register_forward_pre_hook(lambda module, args: seen.append(args[0].clone()))
+    try:
+        pipe("a green square", image=tmp_path / "first.png", num_inference_steps=1, latents=noise(),
+             guidance_scale=1.0, progress=False, output_type="latent", **SIZE)
+    finally:
+        handle.remove()
+    vae = pipe.codec.vae
+    pixels = torch.from_numpy(frame.astype(np.float32) / 127.5 - 1).permute(2, 0, 1)[None, :, None]
+    with torch.no_grad():
+        z = vae.encode(pixels).latent_dist.mode()
+    mean = torch.tensor(vae.config.latents_mean).view(1, -1, 1, 1, 1)
+    std = torch.tensor(vae.config.latents_std).view(1, -1, 1, 1, 1)
+    expected = torch.zeros(1, 33, 3, 4, 4)
+    expected[:, :16] = noise()
+    expected[:, 16:32, :1] = (z - mean) / std
+    expected[:, 32, 0] = 1.0
+    assert len(seen) == 1 and seen[0].shape == expected.shape
+    assert torch.allclose(seen[0], expected, atol=1e-5)
+
+
+def test_a_transformer_in_memory_generates_like_from_pretrained(model_dir, pipe, tmp_path):
+    """The pipeline around a module held in memory (here the transformer inside a training module, rebuilt from
+    the config and given the weights by state dict) generates exactly what the loaded folder does."""
+    from motif_video import MotifVideoTransformer
+    from motif_video.model_folder import ModelFolder
+    from motif_video.train.objective import TrainModule
+
+    transformer = MotifVideoTransformer(pipe.transformer.config)
+    transformer.load_state_dict(pipe.transformer.state_dict())
+    module = TrainModule(transformer)
+    folder = ModelFolder(model_dir)
+    in_memory = MotifVideoPipeline(module.transformer, folder.vae(torch.device("cpu"), torch.float32),
+                                   folder.text_encoder(torch.float32), folder.tokenizer(), folder.image_processor(),
+                                   folder.defaults)
+    Image.fromarray(np.full((32, 32, 3), 90, np.uint8)).save(tmp_path / "first.png")
+    for image in (None, tmp_path / "first.png"):
+        common = dict(prompt="a red square", negative_prompt="bad quality", image=image, num_inference_steps=2,
+                      progress=False, **SIZE)
+        run = lambda p: p(generator=torch.Generator().manual_seed(4), **common)
+        assert np.array_equal(run(in_memory), run(pipe))
+
+
 @pytest.mark.parametrize("extra", [[], ["--image", "FIRST"]])
 def test_cli_writes_a_playable_mp4(model_dir, tmp_path, extra, capsys):
     Image.fromarray(np.full((40, 48, 3), 200, np.uint8)).save(tmp_path / "first.png")

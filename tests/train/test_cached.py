@@ -95,3 +95,29 @@ def test_source_names_match_by_string_folder_or_name(tmp_path):
     assert not same_source("/models/a/text_encoder", "/models/b/text_encoder")
     assert same_source(str(tmp_path / "dinov2-base"), str(tmp_path / "." / "dinov2-base"))
     assert not same_source(None, "x")
+
+
+def test_source_keys_skip_what_is_cached_and_parts_merge(tmp_path):
+    from motif_video.train.cached import merge_parts, sample_key
+
+    a, b = sample(seed=1, source="a.mp4"), sample(seed=2, source="b.png")
+    write_cached_samples(tmp_path, [a, b])
+    write_cached_samples(tmp_path, [sample(seed=3, source="a.mp4"), b])  # the same clips again: nothing added
+    index = json.loads((tmp_path / "index.json").read_text())
+    assert [r["key"] for r in index["samples"]] == [sample_key("a.mp4", "1x32x32"), sample_key("b.png", "1x32x32")]
+    assert len(index["shards"]) == 1
+    assert torch.equal(CachedLatentDataset(tmp_path)[0]["latents"], a.latents)  # the first copy is kept
+
+    # two part writers (two processes) add to it; the merge keeps one index, sorted by source
+    for part, names in (("0002-00000", ["d.mp4", "a.mp4"]), ("0002-00001", ["c.mp4"])):
+        with CachedLatentWriter(tmp_path, part=part, keyed_by_source=True, shard_bytes=1) as writer:
+            added = [writer.add(sample(seed=len(n), source=n)) for n in names]
+        assert added == [n != "a.mp4" for n in names]
+    assert json.loads((tmp_path / "index.json").read_text()) == index  # parts never touch index.json
+    (tmp_path / "shard-0001-00000-00000.safetensors").write_bytes(b"written, never indexed")
+    merged = merge_parts(tmp_path, remove_orphans=True)
+    assert [r["source"] for r in merged["samples"]] == ["a.mp4", "b.png", "c.mp4", "d.mp4"]
+    assert not list(tmp_path.glob("index-*.json")) and not (tmp_path / "shard-0001-00000-00000.safetensors").exists()
+    assert len(CachedLatentDataset(tmp_path)) == 4
+    with pytest.raises(ConfigError, match="needs each sample's source"):
+        CachedLatentWriter(tmp_path, part="0003-00000").add(sample())

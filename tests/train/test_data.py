@@ -205,8 +205,10 @@ def test_no_bucket_can_hold_the_dataset(tmp_path):
     (tmp_path / "m.jsonl").write_text(
         json.dumps({"path": "a.mp4", "caption": "short", "fps": 30, "num_frames": 6, "height": 32, "width": 32})
     )
-    with pytest.raises(ConfigError, match="no bucket"):
+    with pytest.raises(ConfigError, match="no bucket.*too short at 15 fps"):
         ClipDataset.from_metadata(tmp_path / "m.jsonl", BucketSet([Bucket(9, 32, 32)]), fps=15)
+    with pytest.raises(ConfigError, match="too short at the source frame rate"):
+        ClipDataset.from_metadata(tmp_path / "m.jsonl", BucketSet([Bucket(9, 32, 32)]))
 
 
 def test_resize_center_crop_matches_pil_and_slices():

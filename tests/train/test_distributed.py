@@ -11,7 +11,7 @@ import sys
 import pytest
 import torch
 
-from motif_video.train.checkpoint import list_checkpoints, read_weights
+from motif_video.train.checkpoint import list_checkpoints, read_optimizer_state, read_weights
 from tests.train.engine_helpers import base_config, make_cache, read_log
 
 import yaml
@@ -52,7 +52,8 @@ def test_two_processes_match_one_and_resume(tmp_path):
     run([str(path), "--override", f"output_dir={tmp_path / 'two'}", "optim.steps=4", "grad_checkpointing=true"],
         2, tmp_path)
     first = list_checkpoints(tmp_path / "two" / "checkpoints")[-1]
-    assert sorted(p.name for p in first.glob("rank-*.pt")) == ["rank-00000.pt", "rank-00001.pt"]
+    assert sorted(p.name for p in (first / "rng").glob("rank-*.pt")) == ["rank-00000.pt", "rank-00001.pt"]
+    assert sorted(p.name for p in (first / "optimizer").glob("*.distcp")) == ["__0_0.distcp", "__1_0.distcp"]
     run([str(tmp_path / "two"), "--override", "optim.steps=6"], 2, tmp_path)
 
     one, two = read_log(tmp_path / "one"), read_log(tmp_path / "two")
@@ -68,9 +69,34 @@ def test_two_processes_match_one_and_resume(tmp_path):
         assert set(wa) == set(wb)
         assert max((wa[k] - wb[k]).abs().max().item() for k in wa) < 1e-4
     # the sharded run's optimizer state was gathered whole
-    optim_a = torch.load(a / "optimizer.pt", weights_only=True)
-    optim_b = torch.load(b / "optimizer.pt", weights_only=True)
+    optim_a = read_optimizer_state(a)
+    optim_b = read_optimizer_state(b)
     assert set(optim_a["state"]) == set(optim_b["state"])
     key = "transformer.x_embedder.proj.weight"
     assert torch.allclose(optim_a["state"][key]["exp_avg_sq"], optim_b["state"][key]["exp_avg_sq"], rtol=1e-3,
                           atol=1e-9)
+
+
+def test_two_processes_sample_validation_videos_like_one(tmp_path):
+    """Validation sampling calls the trained transformer directly through the generation pipeline; under FSDP2 it
+    is a sharding unit of its own, so its weights are gathered and both runs sample the same video."""
+    from motif_video.pipeline.video_io import read_video
+    from motif_video.testing import save_tiny_pipeline
+
+    pipeline = save_tiny_pipeline(tmp_path / "pipe")
+    cache = make_cache(tmp_path / "cache", n_images=4, n_videos=4)
+    config = base_config(tmp_path, cache, data={"cache_dirs": [str(cache)], "batch_size": 4},
+                         model={"preset": "motif-video-tiny", "overrides": {"image_embed_dim": 8}},
+                         optim={"lr": 2e-3, "steps": 2, "warmup_steps": 1},
+                         checkpointing={"every": 100, "keep_last": 1, "save_final": False},
+                         validation={"every": 2, "num_samples": 2, "prompts": ["a red circle moving left"],
+                                     "pipeline": str(pipeline), "num_inference_steps": 2, "width": 32,
+                                     "height": 32, "num_frames": 5})
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(config))
+    for name, processes in (("one", 1), ("two", 2)):
+        run([str(path), "--override", f"output_dir={tmp_path / name}"], processes, tmp_path)
+    one, two = (read_video(tmp_path / name / "samples" / "step-00000002" / "00.mp4").astype(float)
+                for name in ("one", "two"))
+    assert one.shape == two.shape == (5, 32, 32, 3)
+    assert abs(one - two).mean() < 1.0 and one.std() > 1.0

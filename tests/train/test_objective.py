@@ -76,6 +76,25 @@ def test_inputs_and_target_are_rectified_flow(batch):
     assert torch.equal(seen["text"][:, :3], batch["text"][:, :3])
 
 
+def test_image_to_video_inputs_condition_on_the_clean_first_frame(batch):
+    """What image-to-video training feeds the model: the clip's clean first latent frame in the condition channels
+    and mask 1 on frame 0, as generation builds it from the given image (latents.model_input)."""
+    obj = objective()
+    x0 = batch["latents"]
+    eps = torch.randn(x0.shape, generator=torch.Generator().manual_seed(0))
+    t = torch.tensor([0.2, 0.5, 0.9])
+    hidden, timestep = obj.model_inputs(x0, eps, t, image_to_video=True)
+    tb = t.view(-1, 1, 1, 1, 1)
+    expected = torch.zeros(x0.shape[0], 33, *x0.shape[2:])
+    expected[:, :16] = (1 - tb) * x0 + tb * eps
+    expected[:, 16:32, 0] = x0[:, :, 0]
+    expected[:, 32, 0] = 1.0
+    assert torch.allclose(hidden, expected, atol=1e-6)
+    assert torch.equal(timestep, 1000 * t)
+    plain, _ = obj.model_inputs(x0, eps, t)
+    assert torch.equal(plain[:, :16], hidden[:, :16]) and not plain[:, 16:].any()
+
+
 def test_a_sample_draws_the_same_noise_wherever_it_sits(batch):
     """Per-sample generators keyed by (step, global position): what makes 2 ranks equal 1 and resumes exact."""
     obj = objective(text_dropout=0.5)

@@ -10,7 +10,8 @@ from motif_video.errors import CheckpointError, ConfigError
 from motif_video.train.checkpoint import read_weights
 from motif_video.train.config import load_config
 from motif_video.train.loop import Trainer, train
-from motif_video.train.stages import apply_transitions, build_transformer, switch_text_encoder
+from motif_video.train.stages import apply_transitions, build_transformer
+from motif_video.train.surgery import replace_text_projection
 from tests.train.engine_helpers import base_config, make_cache, one_thread  # noqa: F401
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
@@ -108,7 +109,7 @@ def test_stage_mistakes_are_config_errors(tmp_path):
     # a transition that has nothing to do
     model = MotifVideoTransformer.from_preset("motif-video-tiny")
     with pytest.raises(ConfigError, match="already takes text_embed_dim=32"):
-        switch_text_encoder(model, 32)
+        replace_text_projection(model, 32)
     with pytest.raises(CheckpointError, match="no training checkpoint"):
         build_transformer(tiny_stage_config(tmp_path, cache, "c", stage={"init_from": str(tmp_path / "nowhere")}))
     with pytest.raises(ConfigError, match="stage.transitions need stage.init_from"):

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
 
 def register(subparsers) -> None:
+    from ..convert.layouts import TARGET_LAYOUTS
+
     p = subparsers.add_parser(
         "convert",
         help="convert a transformer checkpoint between the diffusers and original Motif layouts",
@@ -16,7 +17,7 @@ def register(subparsers) -> None:
     )
     p.add_argument("input", help="transformer folder, or model folder containing transformer/")
     p.add_argument("output", help="output folder (created)")
-    p.add_argument("--to", required=True, choices=["diffusers", "original"], help="target layout")
+    p.add_argument("--to", required=True, choices=list(TARGET_LAYOUTS), help="target layout")
     p.set_defaults(func=run)
 
 
@@ -24,10 +25,9 @@ def run(args) -> int:
     from ..convert.checkpoint import load_config, read_state_dict, save_state_dict_folder
     from ..convert.layouts import detect_layout, to_layout
     from ..errors import CheckpointError
+    from ..model_folder import transformer_folder
 
-    folder = Path(args.input)
-    if (folder / "transformer" / "config.json").is_file():
-        folder = folder / "transformer"
+    folder = transformer_folder(args.input)
     if not (folder / "config.json").is_file():
         raise CheckpointError(f"{args.input} is not a transformer folder: it has no config.json")
     config = load_config(folder)

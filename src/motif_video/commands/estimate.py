@@ -17,8 +17,6 @@ import argparse
 import json
 import math
 
-# The Wan2.1 VAE (SPEC section 1): 16 latent channels, 8x8 spatial and 4x temporal compression (frames = 4k+1).
-LATENT_CHANNELS, VAE_SPATIAL, VAE_TEMPORAL = 16, 8, 4
 # dtype name -> (bytes per activation value, GGML type name or None). GGUF models compute in bf16 on accelerators.
 DTYPES = {
     "fp32": (4, None), "bf16": (2, None), "fp16": (2, None),
@@ -34,10 +32,10 @@ ROPE_TEMPORARIES = {4: 4, 2: 10}
 def latent_grid(config, height: int, width: int, frames: int) -> tuple[int, int, int]:
     """Latent (T, H, W) of a video, after checking the size is one the VAE and patch embedding accept."""
     from ..errors import MotifVideoError
-    from ..pipeline.pipeline import check_video_size
+    from ..latents import VAE_SPATIAL, VAE_TEMPORAL, check_video_size, latent_shape
 
     check_video_size(height, width, frames, VAE_TEMPORAL, VAE_SPATIAL * config.patch_size)
-    latent = ((frames - 1) // VAE_TEMPORAL + 1, height // VAE_SPATIAL, width // VAE_SPATIAL)
+    latent = latent_shape(frames, height, width)
     if latent[0] % config.patch_size_t:
         raise MotifVideoError(f"{frames} frames give {latent[0]} latent frames, not a multiple of the temporal patch "
                               f"size {config.patch_size_t}")
@@ -68,7 +66,7 @@ def parameter_shapes(config) -> dict[str, tuple[int, ...]]:
     """
     c = config
     d, hd, m = c.hidden_size, c.attention_head_dim, int(c.hidden_size * c.mlp_ratio)
-    patch = (c.patch_size_t, c.patch_size, c.patch_size)
+    patch = c.patch
     shapes = {"x_embedder.proj.weight": (d, c.in_channels, *patch), "x_embedder.proj.bias": (d,)}
     shapes.update(_linear("context_embedder.linear_1", c.text_embed_dim, d))
     shapes.update(_linear("context_embedder.linear_2", d, d))
@@ -105,7 +103,7 @@ def parameter_shapes(config) -> dict[str, tuple[int, ...]]:
         shapes.update(_linear(f"{p}.proj_mlp", d, m))
         shapes.update(_linear(f"{p}.proj_out", d + m, d))
     shapes.update(_linear("norm_out.linear", d, 2 * d))
-    shapes.update(_linear("proj_out", d, c.patch_size_t * c.patch_size * c.patch_size * c.out_channels))
+    shapes.update(_linear("proj_out", d, math.prod(c.patch) * c.out_channels))
     return shapes
 
 
@@ -196,7 +194,7 @@ def activation_bytes(config, num_video: int, text_tokens: int, image_tokens: int
     c = config
     d = c.hidden_size
     context = text_tokens + image_tokens
-    patch_volume = c.patch_size_t * c.patch_size * c.patch_size
+    patch_volume = math.prod(c.patch)
     inputs = num_video * c.in_channels * patch_volume + text_tokens * c.text_embed_dim
     if image_tokens:
         inputs += image_tokens * c.image_embed_dim
@@ -229,6 +227,7 @@ def estimate(config, height: int, width: int, frames: int, *, dtypes=("bf16",), 
     """Everything `motif-video estimate` prints, as a dict (JSON-ready)."""
     from ..errors import MotifVideoError
     from ..flops import encoder_runs, forward_flops, sampling_flops, video_tokens
+    from ..latents import LATENT_CHANNELS, token_grid
 
     for name, value, low in (("steps", steps, 1), ("text tokens", text_tokens, 0), ("image tokens", image_tokens, 0),
                              ("encoder reuse", encoder_reuse, 1), ("prompts", prompts, 1)):
@@ -266,8 +265,7 @@ def estimate(config, height: int, width: int, frames: int, *, dtypes=("bf16",), 
                   "encoder_blocks": config.num_encoder_single_layers, "decoder_blocks": config.num_decoder_layers},
         "video": {"height": height, "width": width, "frames": frames,
                   "latent_shape": [LATENT_CHANNELS, *latent],
-                  "token_grid": [latent[0] // config.patch_size_t, latent[1] // config.patch_size,
-                                 latent[2] // config.patch_size],
+                  "token_grid": list(token_grid(latent, config.patch)),
                   "video_tokens": tokens, "text_tokens": text_tokens, "image_tokens": image_tokens,
                   "batch": batch, "guidance": guidance},
         "flops": {

@@ -6,11 +6,16 @@ import argparse
 import time
 from pathlib import Path
 
+from ..model.backends import ATTENTION_BACKENDS
+
 DEFAULT_MODEL_DIR = Path(__file__).resolve().parent.parent / "assets" / "motif-video-nano"
 DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 
 
 def register(subparsers) -> None:
+    from ..pipeline.guidance import GUIDERS
+    from ..pipeline.sampler import SOLVERS
+
     p = subparsers.add_parser(
         "generate",
         help="generate a video from a prompt (and optionally a first frame)",
@@ -33,9 +38,9 @@ def register(subparsers) -> None:
     p.add_argument("--frames", type=int, default=None, help="frame count, 4k+1 (e.g. 17, 33, 121)")
     p.add_argument("--steps", type=int, default=None, help="denoising steps")
     p.add_argument("--guidance-scale", type=float, default=None, help="guidance scale (1 disables guidance)")
-    p.add_argument("--guider", choices=["apg", "cfg"], default=None, help="guidance method")
+    p.add_argument("--guider", choices=list(GUIDERS), default=None, help="guidance method")
     p.add_argument("--shift", type=float, default=None, help="flow-matching schedule shift")
-    p.add_argument("--solver", choices=["euler", "dpm++"], default=None, help="sampler")
+    p.add_argument("--solver", choices=list(SOLVERS), default=None, help="sampler")
     p.add_argument("--encoder-reuse", type=int, default=None, metavar="K",
                    help="run the encoder on every K-th step only and reuse its output (faster, approximate; 1: "
                         "exact). Default: the model's (a calibrated schedule for the shipped nano model, exact for the "
@@ -51,9 +56,9 @@ def register(subparsers) -> None:
     p.add_argument("--sequential-guidance", action="store_true",
                    help="run the conditional and unconditional passes one after the other (half the activations)")
     p.add_argument("--vae-tiling", action="store_true", help="decode the VAE in tiles to save memory")
-    p.add_argument("--attention", choices=["sdpa", "flash", "sage"], default="sdpa",
-                   help="attention kernel on CUDA: PyTorch SDPA, flash-attn (exact) or SageAttention (int8, "
-                        "approximate); needs the package installed")
+    p.add_argument("--attention", choices=list(ATTENTION_BACKENDS), default="sdpa",
+                   help="attention kernel: PyTorch SDPA, the plain reference formula, flash-attn on CUDA (exact) or "
+                        "SageAttention on CUDA (int8, approximate); flash and sage need their package installed")
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the transformer blocks (CUDA; the first step pays the compile time)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -71,15 +76,16 @@ def run(args) -> int:
     import torch
 
     from ..errors import MotifVideoError
+    from ..latents import PIXELS_PER_TOKEN, check_video_size
     from ..lora.loader import apply_lora_specs, check_adapters_fit, read_lora_specs
-    from ..model.attention import set_attention_backend
-    from ..pipeline.pipeline import MotifVideoPipeline, check_video_size, generate_to_file
+    from ..model.backends import attention_backend, set_attention_backend
+    from ..pipeline.pipeline import MotifVideoPipeline, generate_to_file
     from ..pipeline.text import check_prompt
 
     # Cheap checks first, so bad input fails before any model loads.
     check_prompt(args.prompt)
     if args.frames is not None or args.height is not None or args.width is not None:
-        check_video_size(args.height or 16, args.width or 16, args.frames or 1)
+        check_video_size(args.height or PIXELS_PER_TOKEN, args.width or PIXELS_PER_TOKEN, args.frames or 1)
     if args.image is not None and not Path(args.image).is_file():
         raise MotifVideoError(f"image file not found: {args.image}")
     if args.gguf is not None and not Path(args.gguf).is_file():
@@ -95,15 +101,13 @@ def run(args) -> int:
         model = DEFAULT_MODEL_DIR
     check_adapters_fit(model, loras, gguf=args.gguf is not None)
 
-    try:
-        set_attention_backend(args.attention)
-    except ValueError as error:
-        raise MotifVideoError(str(error)) from None
+    backend = attention_backend(args.attention)  # a missing kernel package fails before any model loads
 
     started = time.perf_counter()
     dtype = getattr(torch, DTYPES[args.dtype]) if args.dtype else None
     pipe = MotifVideoPipeline.from_pretrained(model, gguf=args.gguf, device=args.device, dtype=dtype,
                                               offload=args.offload)
+    set_attention_backend(pipe.transformer, backend)
     apply_lora_specs(pipe, loras)
     if args.vae_tiling:
         pipe.enable_vae_tiling()

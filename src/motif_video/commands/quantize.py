@@ -5,10 +5,10 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-TYPES = ["q8_0", "q5_1", "q5_0", "q4_1", "q4_0", "bf16", "f16"]
-
 
 def register(subparsers) -> None:
+    from ..convert.gguf import KEEP_TYPES, WRITE_TYPES
+
     p = subparsers.add_parser(
         "quantize",
         help="write a transformer as a quantised GGUF file",
@@ -21,8 +21,8 @@ def register(subparsers) -> None:
     )
     p.add_argument("input", help="transformer folder, or model folder containing transformer/")
     p.add_argument("output", help="output .gguf file")
-    p.add_argument("--type", required=True, choices=TYPES, help="GGML type of the Linear weights")
-    p.add_argument("--keep-dtype", choices=["f32", "f16"], default=None,
+    p.add_argument("--type", required=True, choices=list(WRITE_TYPES), help="GGML type of the Linear weights")
+    p.add_argument("--keep-dtype", choices=list(KEEP_TYPES), default=None,
                    help="type of the tensors kept out of quantisation (default: f32, or f16 for --type f16/bf16)")
     p.add_argument("--quantize-modulation", action="store_true",
                    help="quantise the AdaLN modulation layers too (a quarter of the 2B model's weights; smaller "
@@ -40,25 +40,23 @@ def _size(n: int) -> str:
 
 
 def run(args) -> int:
-    from ..convert.gguf import WRITE_TYPES, plan_types, write_gguf
+    from ..convert.gguf import KEEP_TYPES, WRITE_TYPES, plan_types, write_gguf
     from ..convert.layouts import to_layout
     from ..errors import MotifVideoError
-    from ..hub import resolve_model_dir
     from ..model.transformer import MotifVideoTransformer
+    from ..model_folder import transformer_folder
 
     out = Path(args.output)
     if out.is_dir():
         raise MotifVideoError(f"output {out} is a folder; give a file name such as {out / 'transformer.gguf'}")
     if out.suffix != ".gguf":
         raise MotifVideoError(f"output {out} should end in .gguf")
-    folder = resolve_model_dir(args.input)
-    subfolder = "transformer" if (folder / "transformer" / "config.json").is_file() else None
-    model = MotifVideoTransformer.from_pretrained(folder, subfolder)
+    model = MotifVideoTransformer.from_pretrained(transformer_folder(args.input))
     # GGUF files carry diffusers key names; a tied (original-layout) model is unfolded into them
     state_dict = to_layout(model.state_dict(), "diffusers")
     config = model.config.replace(cross_attention_form="untied")
     qtype = WRITE_TYPES[args.type]
-    keep = WRITE_TYPES[args.keep_dtype] if args.keep_dtype else None
+    keep = KEEP_TYPES[args.keep_dtype] if args.keep_dtype else None
     write_gguf(state_dict, out, qtype, config_json=config.to_diffusers_json(), keep_dtype=keep,
                quantize_modulation=args.quantize_modulation, progress=not args.no_progress)
     plan = plan_types({k: tuple(v.shape) for k, v in state_dict.items()}, qtype, keep_dtype=keep,

@@ -20,7 +20,8 @@ def register(subparsers) -> None:
                     "whole config, so a run folder or checkpoint can be given instead of a config to resume it.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    p.add_argument("config", help="config file (.yaml/.toml), or a run folder / checkpoint to resume")
+    p.add_argument("config", help="config file (.yaml/.toml), or a run folder to resume (the folder given is the "
+                                  "run: its checkpoints are read and new ones written there)")
     p.add_argument("--override", "-o", action="append", nargs="+", default=[], metavar="KEY=VALUE",
                    help="set a config value, e.g. optim.lr=1e-4 data.batch_size=8 routing=null (repeatable)")
     p.add_argument("--resume", action="store_true",
@@ -29,7 +30,8 @@ def register(subparsers) -> None:
 
 
 def run(args) -> int:
-    from ..train.checkpoint import resolve_checkpoint
+    from ..errors import ConfigError
+    from ..train.checkpoint import checkpoint_step, list_checkpoints, resolve_checkpoint, run_folder
     from ..train.config import load_config
     from ..train.loop import train
 
@@ -39,7 +41,16 @@ def run(args) -> int:
     if source.is_dir():
         # A run folder or checkpoint: its saved config, resumed (what else would one want from a run folder?).
         checkpoint = resolve_checkpoint(source)
-        config = load_config(checkpoint / "config.yaml", overrides)
+        run = run_folder(source)
+        if checkpoint == run:
+            raise ConfigError(f"{source} is a checkpoint outside a run folder: put it under RUN/checkpoints/ to resume "
+                              "it, or start a new run from its weights with stage.init_from")
+        latest = list_checkpoints(run / "checkpoints")
+        if checkpoint_step(source) >= 0 and latest and checkpoint != latest[-1]:
+            raise ConfigError(f"{checkpoint} is not the run's latest checkpoint ({latest[-1].name}); a run resumes "
+                              "from its latest: move the newer ones out of checkpoints/ to resume from this one")
+        # The folder given is the run, wherever it was first written (moved or copied runs continue in place).
+        config = load_config(checkpoint / "config.yaml", [f"output_dir={run}", *overrides])
         resume = True
     else:
         config = load_config(source, overrides)

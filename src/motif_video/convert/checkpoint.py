@@ -160,8 +160,7 @@ def load_any_config(config):
     if isinstance(config, (str, os.PathLike)):
         if str(config) in PRESETS:
             return preset(str(config))
-        folder = resolve_model_dir(config)
-        if (folder / "transformer" / "config.json").is_file():
-            folder = folder / "transformer"
-        return TransformerConfig.from_json_file(folder / "config.json")
+        from ..model_folder import transformer_folder
+
+        return TransformerConfig.from_json_file(transformer_folder(config) / "config.json")
     raise ConfigError("config must be a folder, hub id, preset name, dict or TransformerConfig")

@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from gguf import GGML_QUANT_SIZES, GGML_QUANT_VERSION, QK_K, GGMLQuantizationType, GGUFReader, GGUFWriter, LlamaFileType
 
 from ..errors import CheckpointError, MotifVideoError
+from ..model_folder import default_dtype
 from .checkpoint import build_on_meta, check_state_dict, load_any_config
 
 Q = GGMLQuantizationType
@@ -337,11 +338,6 @@ def _config_from_metadata(metadata: dict, path: Path):
         raise CheckpointError(f"GGUF file {path}: {CONFIG_KEY} is not valid JSON: {e}") from None
 
 
-def default_compute_dtype(device) -> torch.dtype:
-    """fp32 on CPU (bf16 matmul there is hundreds of times slower), bf16 on accelerators."""
-    return torch.float32 if torch.device(device).type == "cpu" else torch.bfloat16
-
-
 def load_gguf_transformer(cls, path, config=None, *, compute_dtype: torch.dtype | None = None, device="cpu"):
     """A model from a GGUF file; quantised (and 16-bit, if compute differs) Linear weights stay in their bytes.
 
@@ -349,7 +345,7 @@ def load_gguf_transformer(cls, path, config=None, *, compute_dtype: torch.dtype 
     Other tensors (norms, biases, the patch conv, F32 weights) are dequantised into `compute_dtype`.
     """
     path = Path(path)
-    compute_dtype = compute_dtype or default_compute_dtype(device)
+    compute_dtype = compute_dtype or default_dtype(device)
     tensors, metadata = read_gguf(path)
     cfg = load_any_config(config) if config is not None else _config_from_metadata(metadata, path)
     if cfg.cross_attention_form != "untied":  # GGUF files carry diffusers key names
@@ -382,8 +378,11 @@ def model_nbytes(model: nn.Module) -> int:
 
 
 # -- writing ------------------------------------------------------------------------------------------------------
+# `quantize --type` names: the Linear weights' type (F32 only keeps everything as it is).
 WRITE_TYPES = {"q8_0": Q.Q8_0, "q5_1": Q.Q5_1, "q5_0": Q.Q5_0, "q4_1": Q.Q4_1, "q4_0": Q.Q4_0,
                "bf16": Q.BF16, "f16": Q.F16, "f32": Q.F32}
+# `quantize --keep-dtype` names: the type of the tensors kept out of quantisation.
+KEEP_TYPES = {"f32": Q.F32, "f16": Q.F16}
 _FILE_TYPES = {Q.F32: LlamaFileType.ALL_F32, Q.F16: LlamaFileType.MOSTLY_F16, Q.BF16: LlamaFileType.MOSTLY_BF16,
                Q.Q8_0: LlamaFileType.MOSTLY_Q8_0, Q.Q4_0: LlamaFileType.MOSTLY_Q4_0, Q.Q4_1: LlamaFileType.MOSTLY_Q4_1,
                Q.Q5_0: LlamaFileType.MOSTLY_Q5_0, Q.Q5_1: LlamaFileType.MOSTLY_Q5_1}

@@ -132,10 +132,15 @@ def to_model_layout(state_dict: dict, form: str) -> dict:
     return state_dict
 
 
+# Target layout name -> conversion from any layout; `convert --to` offers these names.
+TARGET_LAYOUTS = {
+    "diffusers": lambda state_dict: to_model_layout(state_dict, "untied"),
+    "original": lambda state_dict: tied_to_original(to_model_layout(state_dict, "tied")),
+}
+
+
 def to_layout(state_dict: dict, target: str) -> dict:
-    """Any layout -> 'diffusers' or 'original'."""
-    if target == "diffusers":
-        return to_model_layout(state_dict, "untied")
-    if target == "original":
-        return tied_to_original(to_model_layout(state_dict, "tied"))
-    raise CheckpointError(f"unknown layout {target!r}; use 'diffusers' or 'original'")
+    """Any layout -> one of TARGET_LAYOUTS."""
+    if target not in TARGET_LAYOUTS:
+        raise CheckpointError(f"unknown layout {target!r}; use one of: {', '.join(TARGET_LAYOUTS)}")
+    return TARGET_LAYOUTS[target](state_dict)

@@ -13,7 +13,7 @@ import numpy as np
 
 from ..errors import MotifVideoError
 from ..records import JSONL_SUFFIXES, read_jsonl
-from ..pipeline.video_io import FOLDER_META, IMAGE_EXTENSIONS, VIDEO_EXTENSIONS, read_video
+from ..pipeline.video_io import FOLDER_META, MEDIA_EXTENSIONS, read_video
 from .metrics import measure_clip, score_clip
 from .prompts import parse_prompt
 
@@ -43,7 +43,7 @@ def load_items(source) -> list[dict]:
     if source.is_dir():
         items = []
         for p in sorted(source.iterdir()):
-            is_media = p.is_file() and p.suffix.lower() in VIDEO_EXTENSIONS + IMAGE_EXTENSIONS
+            is_media = p.is_file() and p.suffix.lower() in MEDIA_EXTENSIONS
             is_frames = p.is_dir() and (p / FOLDER_META).is_file()
             caption = p.with_suffix(".txt") if p.is_file() else p.parent / f"{p.name}.txt"
             if (is_media or is_frames) and caption.is_file():
@@ -263,7 +263,9 @@ def write_report(results: dict, out_dir, title: str = "motif-video eval") -> dic
     if out.exists() and not out.is_dir():
         raise MotifVideoError(f"{out} exists and is not a folder")
     out.mkdir(parents=True, exist_ok=True)
-    (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    # clip paths relative to the report folder, so the file names nothing of the machine that wrote it
+    stored = {**results, "clips": [{**c, "path": os.path.relpath(c["path"], out)} for c in results["clips"]]}
+    (out / "results.json").write_text(json.dumps(stored, indent=2) + "\n")
     (out / "report.md").write_text(markdown_table(results, title))
     s = results["summary"]
     bar_chart([(label, s[key]) for key, label, _ in DIMENSIONS], f"{title}: {s['clips']} clips", out / "summary.png")

@@ -1,7 +1,8 @@
 """The two block kinds: dual-stream (MMDiT) and single-stream (FLUX-style, also used as the DDT decoder).
 
-Both are driven by AdaLN-Zero from the one global timestep embedding. Masks: `key_mask` (B, 1, 1, N_x + N_ctx) for
-joint attention over [video; context], `text_mask` (B, 1, 1, N_text) for cross-attention to text tokens only.
+Both are driven by AdaLN-Zero from the one global timestep embedding. A block's attention inputs (RoPE, masks, the
+token layout) come in one `AttentionInputs`, built by the model once per stage. `block` is the block's absolute
+index over `model.blocks`, handed to its attention modules so that a backend knows who calls.
 """
 
 from __future__ import annotations
@@ -10,7 +11,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .attention import Attention, Rope, make_cross_attention
+from .attention import Attention, make_cross_attention
+from .layout import AttentionInputs
 
 
 class AdaLayerNormZero(nn.Module):
@@ -51,26 +53,28 @@ class FeedForward(nn.Module):
 class DualStreamBlock(nn.Module):
     """MMDiT block: video and text keep separate weights and meet in one joint attention."""
 
-    def __init__(self, hidden_size: int, heads: int, head_dim: int, mlp_ratio: float, cross_attention: str | None):
+    def __init__(self, hidden_size: int, heads: int, head_dim: int, mlp_ratio: float, cross_attention: str | None,
+                 block: int = 0):
         super().__init__()
         self.norm1 = AdaLayerNormZero(hidden_size, 6)
         self.norm1_context = AdaLayerNormZero(hidden_size, 6)
-        self.attn = Attention(hidden_size, heads, head_dim, context_projections=True, output_projection=True)
-        self.cross_attn = make_cross_attention(cross_attention, hidden_size, heads, head_dim) if cross_attention else None
+        self.attn = Attention(hidden_size, heads, head_dim, context_projections=True, output_projection=True,
+                              block=block)
+        self.cross_attn = (make_cross_attention(cross_attention, hidden_size, heads, head_dim, block)
+                           if cross_attention else None)
         self.norm2 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
         self.norm2_context = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
         self.ff = FeedForward(hidden_size, mlp_ratio)
         self.ff_context = FeedForward(hidden_size, mlp_ratio)
 
-    def forward(self, x: torch.Tensor, context: torch.Tensor, temb: torch.Tensor, key_mask: torch.Tensor | None,
-                rope: Rope | None, text_mask: torch.Tensor | None = None, image_len: int = 0):
+    def forward(self, x: torch.Tensor, context: torch.Tensor, temb: torch.Tensor, inputs: AttentionInputs):
         norm_x, (gate_msa, shift_mlp, scale_mlp, gate_mlp) = self.norm1(x, temb)
         norm_c, (c_gate_msa, c_shift_mlp, c_scale_mlp, c_gate_mlp) = self.norm1_context(context, temb)
 
-        attn_x, attn_c = self.attn.joint(norm_x, norm_c, key_mask, rope)
+        attn_x, attn_c = self.attn.joint(norm_x, norm_c, inputs)
         x = x + gate_msa * attn_x
         if self.cross_attn is not None:  # ungated residual, as in the release
-            x = x + self.cross_attn(attn_x, norm_c[:, image_len:], text_mask, rope, self.attn)
+            x = x + self.cross_attn(attn_x, norm_c[:, inputs.image_len:], inputs, self.attn)
         context = context + c_gate_msa * attn_c
 
         x = x + gate_mlp * self.ff(self.norm2(x) * (1 + scale_mlp) + shift_mlp)
@@ -85,26 +89,28 @@ class SingleStreamBlock(nn.Module):
     the decoder stream (with RoPE) and context is the encoder's final video tokens (no RoPE, no text).
     """
 
-    def __init__(self, hidden_size: int, heads: int, head_dim: int, mlp_ratio: float, cross_attention: str | None):
+    def __init__(self, hidden_size: int, heads: int, head_dim: int, mlp_ratio: float, cross_attention: str | None,
+                 block: int = 0):
         super().__init__()
         mlp_dim = int(hidden_size * mlp_ratio)
-        self.attn = Attention(hidden_size, heads, head_dim, context_projections=False, output_projection=False)
-        self.cross_attn = make_cross_attention(cross_attention, hidden_size, heads, head_dim) if cross_attention else None
+        self.attn = Attention(hidden_size, heads, head_dim, context_projections=False, output_projection=False,
+                              block=block)
+        self.cross_attn = (make_cross_attention(cross_attention, hidden_size, heads, head_dim, block)
+                           if cross_attention else None)
         self.norm = AdaLayerNormZero(hidden_size, 3)
         self.proj_mlp = nn.Linear(hidden_size, mlp_dim)
         self.proj_out = nn.Linear(hidden_size + mlp_dim, hidden_size)
 
-    def forward(self, x: torch.Tensor, context: torch.Tensor, temb: torch.Tensor, key_mask: torch.Tensor | None,
-                rope: Rope | None, text_mask: torch.Tensor | None = None, image_len: int = 0):
+    def forward(self, x: torch.Tensor, context: torch.Tensor, temb: torch.Tensor, inputs: AttentionInputs):
         num_x = x.shape[1]
         residual = torch.cat([x, context], dim=1)  # (B, N_x + N_ctx, D)
         normed, (gate,) = self.norm(residual, temb)
         mlp = F.gelu(self.proj_mlp(normed), approximate="tanh")
 
-        attn_x, attn_c = self.attn.joint(normed[:, :num_x], normed[:, num_x:], key_mask, rope)
+        attn_x, attn_c = self.attn.joint(normed[:, :num_x], normed[:, num_x:], inputs)
         if self.cross_attn is not None:  # added before the fused projection and gate (paper, sec. 3.3)
-            text = normed[:, num_x + image_len:]
-            attn_x = attn_x + self.cross_attn(attn_x, text, text_mask, rope, self.attn)
+            text = normed[:, num_x + inputs.image_len:]
+            attn_x = attn_x + self.cross_attn(attn_x, text, inputs, self.attn)
 
         out = residual + gate * self.proj_out(torch.cat([torch.cat([attn_x, attn_c], dim=1), mlp], dim=2))
         return out[:, :num_x], out[:, num_x:]

@@ -58,6 +58,11 @@ class TransformerConfig:
         return self.num_single_layers - self.num_decoder_layers
 
     @property
+    def patch(self) -> tuple[int, int, int]:
+        """Latents per token along (T, H, W)."""
+        return self.patch_size_t, self.patch_size, self.patch_size
+
+    @property
     def num_blocks(self) -> int:
         """Blocks in forward order (dual -> single encoder -> decoder); TREAD routes index this range."""
         return self.num_layers + self.num_single_layers

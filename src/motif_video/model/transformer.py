@@ -12,7 +12,6 @@ See docs/architecture.md.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,11 +20,13 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..errors import MotifVideoError
-from ..routing import TokenRoute, gather_tokens, scatter_tokens
+from ..routing import RouteSpan, TokenRoute
 from .blocks import DualStreamBlock, SingleStreamBlock
 from .config import TransformerConfig, preset
 from .embeddings import ImageProjection, PatchEmbed, TimestepEmbedding, text_projection
+from .layout import DECODER, ENCODER, IMAGE, TEXT, VIDEO, AttentionInputs, AttentionLayout, Segment
 from .rope import rope_frequencies
+from .sharding import NO_SHARDING, SequenceSharding
 
 
 class OutputNorm(nn.Module):
@@ -54,11 +55,28 @@ class EncoderCache:
     tokens: torch.Tensor | None = None  # the encoder's final video tokens (B, N, D)
 
 
-def joint_key_mask(text_keep: torch.Tensor | None, num_video: int) -> torch.Tensor | None:
-    """(B, N_ctx) bool keep-mask of the context -> (B, 1, 1, num_video + N_ctx); video keys always attend."""
-    if text_keep is None:
+@dataclass(frozen=True)
+class ContextTokens:
+    """The context stream of the encoder: `image_len` image tokens, then `text_len` text tokens."""
+
+    keep: torch.Tensor | None  # (B, N_img + L) bool, True = attend; None: no padding
+    image_len: int
+    text_len: int
+
+
+def joint_key_mask(video_keep: torch.Tensor | None, context_keep: torch.Tensor | None, batch: int,
+                   num_video: int, num_context: int) -> torch.Tensor | None:
+    """Keep-mask (B, 1, 1, num_video + num_context) of joint attention over [video; context]: video keys attend
+    unless they are sharding padding (`video_keep` (num_video,)), context keys unless text padding (B, num_context).
+    None when every key attends, which lets fused kernels run."""
+    if video_keep is None and context_keep is None:
         return None
-    return F.pad(text_keep, (num_video, 0), value=True)[:, None, None, :]
+    device = (video_keep if video_keep is not None else context_keep).device
+    if video_keep is None:
+        video_keep = torch.ones(num_video, dtype=torch.bool, device=device)
+    if context_keep is None:
+        context_keep = torch.ones(batch, num_context, dtype=torch.bool, device=device)
+    return torch.cat([video_keep.expand(batch, -1), context_keep], dim=1)[:, None, None, :]
 
 
 class MotifVideoTransformer(nn.Module):
@@ -83,7 +101,7 @@ class MotifVideoTransformer(nn.Module):
         # 2. Early fusion: dual-stream blocks
         dual_cross = c.cross_attention_form if c.enable_text_cross_attention_dual else None
         self.transformer_blocks = nn.ModuleList(
-            [DualStreamBlock(hidden, heads, head_dim, c.mlp_ratio, dual_cross) for _ in range(c.num_layers)]
+            [DualStreamBlock(hidden, heads, head_dim, c.mlp_ratio, dual_cross, block=i) for i in range(c.num_layers)]
         )
         # 3. Joint representation (single-stream encoder, with Shared Cross-Attention) and 4. the DDT decoder:
         # both are single-stream blocks in one list, as in the released checkpoint; the decoder never has
@@ -92,7 +110,7 @@ class MotifVideoTransformer(nn.Module):
         self.single_transformer_blocks = nn.ModuleList(
             [
                 SingleStreamBlock(hidden, heads, head_dim, c.mlp_ratio,
-                                  single_cross if i < c.num_encoder_single_layers else None)
+                                  single_cross if i < c.num_encoder_single_layers else None, block=c.num_layers + i)
                 for i in range(c.num_single_layers)
             ]
         )
@@ -101,6 +119,8 @@ class MotifVideoTransformer(nn.Module):
         self.proj_out = nn.Linear(hidden, c.patch_size_t * c.patch_size * c.patch_size * c.out_channels)
 
         self._rope_cache: dict = {}
+        # A runtime choice set from outside (model/sharding.py): where the video token sequence lives
+        self.sequence_sharding: SequenceSharding = NO_SHARDING
 
     # ------------------------------------------------------------------------------------------------------------
     @classmethod
@@ -115,6 +135,16 @@ class MotifVideoTransformer(nn.Module):
     @property
     def decoder_start(self) -> int:
         return self.config.num_layers + self.config.num_encoder_single_layers
+
+    @property
+    def encoder_blocks(self) -> list[nn.Module]:
+        """The single-stream encoder blocks (stage 3)."""
+        return list(self.single_transformer_blocks)[: self.config.num_encoder_single_layers]
+
+    @property
+    def decoder_blocks(self) -> list[nn.Module]:
+        """The DDT decoder blocks (stage 4)."""
+        return list(self.single_transformer_blocks)[self.config.num_encoder_single_layers:]
 
     def rope(self, grid: tuple[int, int, int], device) -> tuple[torch.Tensor, torch.Tensor]:
         """cos/sin for a token grid, computed once per (grid, device) and reused across sampling steps."""
@@ -176,65 +206,103 @@ class MotifVideoTransformer(nn.Module):
         self._check_inputs(hidden_states, timestep, encoder_hidden_states, encoder_attention_mask, image_embeds)
         batch, _, frames, height, width = hidden_states.shape
         grid = (frames // c.patch_size_t, height // c.patch_size, width // c.patch_size)
+        sharding = self.sequence_sharding
 
-        # 1. Embeddings: RoPE for video tokens, one timestep vector, projected text (+ image tokens in front)
-        full_rope = self.rope(grid, hidden_states.device)
+        # 1. Embeddings: video tokens (split over processes by the sequence sharding, identity by default) with
+        # their RoPE, one timestep vector, projected text with any image tokens in front
         temb = self.time_text_embed(timestep)
-        x = self.x_embedder(hidden_states)  # (B, N, D), N = T'*H'*W'
-        context = self.context_embedder(encoder_hidden_states)  # (B, L, D)
-        text_keep = encoder_attention_mask.bool() if encoder_attention_mask is not None else None
-        image_len = 0
-        if image_embeds is not None:
-            image_tokens = self.image_embedder(image_embeds)  # (B, N_img, D), always attended
-            image_len = image_tokens.shape[1]
-            context = torch.cat([image_tokens, context], dim=1)
-            if text_keep is not None:
-                text_keep = F.pad(text_keep, (image_len, 0), value=True)
-        cross_mask = text_keep[:, None, None, image_len:] if text_keep is not None else None
+        x = self.x_embedder(hidden_states)  # (B, N, D), N = T'*H'*W' in t-major order
+        num_video = x.shape[1]
+        context, text = self._embed_context(encoder_hidden_states, encoder_attention_mask, image_embeds)
+        x = sharding.shard(x)  # (B, N_local, D)
         decoder_input = x  # long skip: the decoder re-reads the patch embedding
-
-        # 2-4. Blocks in order; a route gathers kept video tokens at its start and scatters them back at its end
-        rope, key_mask = full_rope, joint_key_mask(text_keep, x.shape[1])
-        stash: dict[str, torch.Tensor] = {}
+        span = RouteSpan(route, self.rope(grid, hidden_states.device), num_video, sharding)
         captured = None
-        reuse = self._reuse_encoder(encoder_cache, x, route)
-        for index, block in enumerate(self.blocks):
-            if reuse and index < self.decoder_start:
-                continue  # the encoder's output comes from an earlier step
-            if route is not None and index == route.start_layer:
-                stash["x"], x = x, gather_tokens(x, route.kept)
-                rope = tuple(gather_tokens(r, route.kept) for r in full_rope)
-                if index > self.decoder_start:  # inside the decoder both streams take the same indices
-                    stash["context"], context = context, gather_tokens(context, route.kept)
-                else:
-                    key_mask = joint_key_mask(text_keep, x.shape[1])
-            if route is not None and index == route.end_layer:
-                x, context, rope, key_mask = self._unroute(stash, x, context, route, full_rope, text_keep, index)
-            if index == self.decoder_start:
-                # 4. DDT decoder: the encoder's video tokens become the context; no text, no mask
-                if encoder_cache is not None:
-                    if reuse:
-                        x = encoder_cache.tokens
-                    else:
-                        encoder_cache.tokens = x
-                context, key_mask = x, None
-                if "x" in stash:  # routed: the decoder stream takes the same kept tokens
-                    stash["context"], stash["x"] = stash["x"], decoder_input
-                    x = gather_tokens(decoder_input, route.kept)
-                else:
-                    x = decoder_input
-            x, context = block(x, context, temb, key_mask, rope, cross_mask, image_len)
+
+        if self._reuse_encoder(encoder_cache, x, route):
+            x = encoder_cache.tokens  # the encoder's output from an earlier sampling step
+        else:
+            # 2. Early fusion: dual-stream blocks, video and text with separate weights, one joint attention
+            inputs = self._encoder_inputs(x, span, text, grid)
+            for index, block in enumerate(self.transformer_blocks):
+                if span.moves_at(index):  # TREAD: the route's blocks see only the kept video tokens
+                    (x,) = span.move(x)
+                    inputs = self._encoder_inputs(x, span, text, grid)
+                x, context = block(x, context, temb, inputs)
+                if index == capture_block:
+                    captured = sharding.gather(x, span.num_tokens)
+
+            # 3. Joint representation: single-stream encoder blocks over [video; text] (+ Shared Cross-Attention)
+            for index, block in enumerate(self.encoder_blocks, start=c.num_layers):
+                if span.moves_at(index):
+                    (x,) = span.move(x)
+                    inputs = self._encoder_inputs(x, span, text, grid)
+                x, context = block(x, context, temb, inputs)
+                if index == capture_block:
+                    captured = sharding.gather(x, span.num_tokens)
+            if encoder_cache is not None:
+                encoder_cache.tokens = x
+
+        # 4. DDT decoder: single-stream blocks over [decoder stream (RoPE); the encoder's video tokens (no RoPE)],
+        # the decoder stream being the patch embedding again; no text
+        if span.active:  # a route running on into the decoder: leave it here and re-enter with both streams
+            (x,) = span.exit(x)
+        x, context = decoder_input, x
+        inputs = self._decoder_inputs(x, span, grid)
+        for index, block in enumerate(self.decoder_blocks, start=self.decoder_start):
+            if span.moves_at(index):  # inside the decoder both streams take the same kept tokens
+                x, context = span.move(x, context)
+                inputs = self._decoder_inputs(x, span, grid)
+            x, context = block(x, context, temb, inputs)
             if index == capture_block:
-                captured = x
-        if "x" in stash:  # a route that runs to the last block
-            x, context, rope, key_mask = self._unroute(stash, x, context, route, full_rope, text_keep, len(self.blocks))
+                captured = sharding.gather(x, span.num_tokens)
+        if span.active:  # a route that runs to the last block
+            x, context = span.exit(x, context)
 
         # 5. Output head: AdaLN-continuous -> linear -> unpatchify
+        x = sharding.gather(x, num_video)  # (B, N, D)
         x = self.proj_out(self.norm_out(x, temb))  # (B, N, C_out * pt * p * p)
         p, pt = c.patch_size, c.patch_size_t
         x = x.reshape(batch, *grid, -1, pt, p, p)  # (B, T', H', W', C, pt, p, p)
         x = x.permute(0, 4, 1, 5, 2, 6, 3, 7).reshape(batch, -1, frames, height, width)
         return (x, captured) if capture_block is not None else x
+
+    def _embed_context(self, encoder_hidden_states, encoder_attention_mask, image_embeds):
+        """Context tokens (B, N_img + L, D) and what attention needs to know of them."""
+        context = self.context_embedder(encoder_hidden_states)  # (B, L, D)
+        keep = encoder_attention_mask.bool() if encoder_attention_mask is not None else None
+        image_len = 0
+        if image_embeds is not None:
+            image_tokens = self.image_embedder(image_embeds)  # (B, N_img, D), always attended
+            image_len = image_tokens.shape[1]
+            context = torch.cat([image_tokens, context], dim=1)
+            if keep is not None:
+                keep = F.pad(keep, (image_len, 0), value=True)
+        return context, ContextTokens(keep, image_len, encoder_hidden_states.shape[1])
+
+    def _encoder_inputs(self, x: torch.Tensor, span: RouteSpan, text: "ContextTokens",
+                        grid: tuple[int, int, int]) -> AttentionInputs:
+        """Attention inputs of the encoder blocks (stages 2-3) for the video tokens `x` now flowing."""
+        video = Segment(VIDEO, x.shape[1])
+        context = (Segment(IMAGE, text.image_len),) if text.image_len else ()
+        context += (Segment(TEXT, text.text_len),)
+        video_keep = self.sequence_sharding.keep_mask(span.num_tokens, x.device)
+        return AttentionInputs(
+            layout=AttentionLayout((video, *context), (video, *context), grid, span.kept),
+            rope=span.rope,
+            key_mask=joint_key_mask(video_keep, text.keep, x.shape[0], x.shape[1], text.image_len + text.text_len),
+            image_len=text.image_len,
+            cross_layout=AttentionLayout((video,), (Segment(TEXT, text.text_len),), grid, span.kept),
+            cross_mask=text.keep[:, None, None, text.image_len:] if text.keep is not None else None,
+        )
+
+    def _decoder_inputs(self, x: torch.Tensor, span: RouteSpan, grid: tuple[int, int, int]) -> AttentionInputs:
+        """Attention inputs of the DDT decoder blocks: [decoder stream; encoder tokens], the same token set twice."""
+        segments = (Segment(DECODER, x.shape[1]), Segment(ENCODER, x.shape[1]))
+        keep = self.sequence_sharding.keep_mask(span.num_tokens, x.device)
+        key_mask = None if keep is None else keep.repeat(2).expand(x.shape[0], -1)[:, None, None, :]
+        return AttentionInputs(layout=AttentionLayout(segments, segments, grid, span.kept), rope=span.rope,
+                               key_mask=key_mask)
 
     def _reuse_encoder(self, cache: EncoderCache | None, x: torch.Tensor, route: TokenRoute | None) -> bool:
         if cache is None:
@@ -249,74 +317,6 @@ class MotifVideoTransformer(nn.Module):
             raise MotifVideoError(f"cached encoder tokens {tuple(cache.tokens.shape)} do not match this input "
                                   f"{tuple(x.shape)}; refresh the cache when the batch or size changes")
         return True
-
-    def _unroute(self, stash, x, context, route, full_rope, text_keep, index):
-        x = scatter_tokens(stash.pop("x"), x, route.kept)
-        if "context" in stash:  # decoder context was routed too
-            context = scatter_tokens(stash.pop("context"), context, route.kept)
-        in_decoder = index > self.decoder_start
-        return x, context, full_rope, None if in_decoder else joint_key_mask(text_keep, x.shape[1])
-
-    # ------------------------------------------------------------------------------------------------------------
-    def insert_shared_cross_attention(self, form: str = "tied") -> "MotifVideoTransformer":
-        """Add zero-initialised Shared Cross-Attention to every single-stream encoder block (paper, stage 9).
-
-        The output projection starts at zero, so the model's output is bit-identical until training moves it.
-        """
-        from .attention import make_cross_attention
-
-        c = self.config
-        if c.enable_text_cross_attention_single:
-            raise MotifVideoError("this model already has Shared Cross-Attention in its single-stream blocks")
-        ref = next(self.parameters())
-        for block in self.single_transformer_blocks[: c.num_encoder_single_layers]:
-            cross = make_cross_attention(form, c.hidden_size, c.num_attention_heads, c.attention_head_dim)
-            out = cross.out_proj if form == "tied" else cross.to_out[0]
-            nn.init.zeros_(out.weight)
-            nn.init.zeros_(out.bias)
-            block.cross_attn = cross.to(device=ref.device, dtype=ref.dtype)
-        self.config = c.replace(enable_text_cross_attention_single=True, cross_attention_form=form)
-        return self
-
-    def init_matched_decoder(self, grid: tuple[int, int, int], max_angle: float = 0.5, sharpness: float = 2.0,
-                             gate: float = 1.0) -> "MotifVideoTransformer":
-        """Initialise the decoder so that decoder token i reads encoder token i, at full strength, from step 0.
-
-        The encoder's tokens sit in the decoder's context slot without RoPE, so attention sees them as an unordered
-        set: the decoder can find "its" encoder token only by content. Both streams start from the same patch
-        embedding, so tied query/key weights (W_q = W_k) match them, once the channels that RoPE rotates by more
-        than `max_angle` over `grid` (T', H', W' tokens) are left out of the query and key; `sharpness` scales the
-        Q/K RMSNorm weights. The AdaLN gate starts at `gate` instead of ~0.05, so the encoder reaches the output at
-        first order. With the default init a small model reads the encoder as a near-uniform average and stalls
-        (docs/nano.md, "the decoder stall").
-        """
-        c = self.config
-        cos, _ = rope_frequencies(grid, c.rope_axes_dim, c.rope_theta)
-        steady = cos.min(dim=0).values >= math.cos(max_angle)  # (head_dim,) channels that barely rotate
-        if not steady.any():
-            raise MotifVideoError(f"no RoPE channel stays within {max_angle} rad over a {list(grid)} token grid")
-        rows = steady.repeat(c.num_attention_heads).to(self.x_embedder.proj.weight)[:, None]
-        with torch.no_grad():
-            for block in self.single_transformer_blocks[c.num_encoder_single_layers:]:
-                attn = block.attn
-                attn.to_q.weight.mul_(rows)
-                attn.to_k.weight.copy_(attn.to_q.weight)
-                attn.to_q.bias.zero_()
-                attn.to_k.bias.zero_()
-                attn.norm_q.weight.fill_(sharpness)
-                attn.norm_k.weight.fill_(sharpness)
-                block.norm.linear.bias[2 * c.hidden_size:].fill_(gate)  # (shift, scale, gate) chunks
-        return self
-
-    def replace_text_projection(self, text_embed_dim: int) -> "MotifVideoTransformer":
-        """A freshly initialised text projection for a text encoder of another width (paper, stage 4: the
-        sentence-embedding model is replaced by T5Gemma2); everything downstream keeps its weights."""
-        if self.config.text_embed_dim == text_embed_dim:
-            raise MotifVideoError(f"the model already takes text_embed_dim={text_embed_dim}")
-        ref = next(self.context_embedder.parameters())
-        self.context_embedder = text_projection(text_embed_dim, self.config.hidden_size).to(ref.device, ref.dtype)
-        self.config = self.config.replace(text_embed_dim=text_embed_dim)
-        return self
 
     # -- checkpoints ---------------------------------------------------------------------------------------------
     @classmethod

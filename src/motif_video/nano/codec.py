@@ -26,12 +26,13 @@ import numpy as np
 import torch
 
 from ..errors import MotifVideoError
+from ..latents import LATENT_CHANNELS, VAE_SPATIAL, VAE_TEMPORAL
 from .data import BACKGROUND, Attributes, Sample
 
 # Measured on the nano data (docs/nano_components.md): 2.6 M parameters, 5.2 MB as fp16 safetensors.
 CODEC_CONFIG = {
     "base_dim": 8,
-    "z_dim": 16,
+    "z_dim": LATENT_CHANNELS,
     "dim_mult": [1, 2, 4, 8],
     "num_res_blocks": 1,
     "attn_scales": [],
@@ -193,8 +194,8 @@ def per_frame_init_(vae) -> None:
 
 def _check_frames(items: list[NanoItem], window: int) -> None:
     height, width = items[0].load().shape[1:3]
-    if height % 8 or width % 8:
-        raise MotifVideoError(f"frames must be multiples of 8 pixels for the 8x VAE, got {height}x{width}")
+    if height % VAE_SPATIAL or width % VAE_SPATIAL:
+        raise MotifVideoError(f"frames must be multiples of {VAE_SPATIAL} pixels for the VAE, got {height}x{width}")
     shortest = min((it.num_frames for it in items if not it.is_image), default=window)
     if shortest < window:
         raise MotifVideoError(f"clips have {shortest} frames, fewer than the {window}-frame training window")
@@ -333,8 +334,8 @@ def train_codec(
     """
     if steps < 1 or batch_size < 1:
         raise MotifVideoError(f"steps and batch_size must be >= 1, got {steps} and {batch_size}")
-    if window < 1 or (window - 1) % 4:
-        raise MotifVideoError(f"window must be 4k+1 frames (the VAE's chunking), got {window}")
+    if window < 1 or (window - 1) % VAE_TEMPORAL:
+        raise MotifVideoError(f"window must be {VAE_TEMPORAL}k+1 frames (the VAE's chunking), got {window}")
     if lr <= 0:
         raise MotifVideoError(f"lr must be positive, got {lr}")
     start = time.perf_counter()

@@ -15,6 +15,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import time
 from dataclasses import asdict
@@ -97,7 +98,7 @@ def evaluate(model: Path | object, prompts_file: Path, out_dir: Path, limit: int
              batch: int = 8, **generate_kwargs) -> dict:
     """Generate one clip per held-out prompt with a model folder (or a loaded pipeline) and score it with the
     analytic evaluator."""
-    from ..cli import main as cli_main
+    from ..eval.report import evaluate as score, load_items, write_report
     from ..pipeline.pipeline import MotifVideoPipeline
     from ..pipeline.video_io import write_video
 
@@ -120,8 +121,8 @@ def evaluate(model: Path | object, prompts_file: Path, out_dir: Path, limit: int
             records.append({"path": path.name, "caption": prompt})
     metadata = clips / "metadata.jsonl"
     metadata.write_text("".join(json.dumps(r) + "\n" for r in records))
-    cli_main(["eval", str(metadata), "--out", str(out_dir / "report")])
-    results = json.loads((out_dir / "report" / "results.json").read_text())
+    written = write_report(score(load_items(metadata)), out_dir / "report", f"motif-video eval: {metadata.name}")
+    results = json.loads(written["results"].read_text())
     results["generation_seconds"] = round(generating, 2)
     return results
 
@@ -150,6 +151,9 @@ def run_recipe(out_dir: str | Path, plan: NanoPlan | None = None, progress: bool
     out_dir = Path(out_dir)
     model_dir, data_dir, teacher_dir = out_dir / "model", out_dir / "data", out_dir / "teacher"
     log: dict = {"plan": asdict(plan), "seconds": {}}
+    for key in ("codec_from", "teacher_from"):  # logged relative to the run folder
+        if plan_path := log["plan"][key]:
+            log["plan"][key] = os.path.relpath(plan_path, out_dir)
     seconds = log["seconds"]
     started = time.perf_counter()
 
@@ -160,7 +164,7 @@ def run_recipe(out_dir: str | Path, plan: NanoPlan | None = None, progress: bool
         if plan.codec_from:
             shutil.rmtree(model_dir / "vae", ignore_errors=True)
             shutil.copytree(plan.codec_from, model_dir / "vae")
-            log["codec"] = {"reused": str(plan.codec_from)}
+            log["codec"] = {"reused": log["plan"]["codec_from"]}
         else:
             log["codec"] = train_codec(data_dir, model_dir / "vae", steps=plan.codec_steps, seed=plan.seed,
                                        progress=progress, time_budget_s=plan.codec_budget_s)
@@ -168,7 +172,7 @@ def run_recipe(out_dir: str | Path, plan: NanoPlan | None = None, progress: bool
     with _step(seconds, "teacher"):
         if plan.teacher_from:
             teacher_dir = Path(plan.teacher_from)
-            log["teacher"] = {"reused": str(teacher_dir)}
+            log["teacher"] = {"reused": log["plan"]["teacher_from"]}
         else:
             log["teacher"] = train_teacher(data_dir, teacher_dir, steps=plan.teacher_steps, seed=plan.seed,
                                            progress=progress)

@@ -12,15 +12,10 @@ import torch
 
 from ..errors import MotifVideoError
 
-GUIDERS = ("apg", "cfg")
-
 
 class ClassifierFreeGuidance:
     def __init__(self, scale: float):
         self.scale = scale
-
-    def reset(self) -> None:
-        pass
 
     def __call__(self, cond: torch.Tensor, uncond: torch.Tensor) -> torch.Tensor:
         return uncond + self.scale * (cond - uncond)
@@ -31,9 +26,6 @@ class AdaptiveProjectedGuidance:
                  norm_dims: tuple[int, ...] = (1, 3, 4)):
         self.scale, self.norm_threshold, self.momentum, self.eta = scale, norm_threshold, momentum, eta
         self.norm_dims = list(norm_dims)  # (C, H, W) of (B, C, T, H, W): per frame
-        self.running = None
-
-    def reset(self) -> None:
         self.running = None
 
     def __call__(self, cond: torch.Tensor, uncond: torch.Tensor) -> torch.Tensor:
@@ -50,9 +42,15 @@ class AdaptiveProjectedGuidance:
         return uncond + self.scale * update.to(diff.dtype)
 
 
+def _cfg(scale: float, **apg_options) -> ClassifierFreeGuidance:
+    return ClassifierFreeGuidance(scale)  # the APG options do not apply
+
+
+# Guider name -> factory (scale, APG options); `generate --guider` offers these names.
+GUIDERS = {"apg": AdaptiveProjectedGuidance, "cfg": _cfg}
+
+
 def make_guidance(name: str, scale: float, **apg_options):
-    if name == "cfg":
-        return ClassifierFreeGuidance(scale)
-    if name == "apg":
-        return AdaptiveProjectedGuidance(scale, **apg_options)
-    raise MotifVideoError(f"unknown guider {name!r}; choose one of: {', '.join(GUIDERS)}")
+    if name not in GUIDERS:
+        raise MotifVideoError(f"unknown guider {name!r}; choose one of: {', '.join(GUIDERS)}")
+    return GUIDERS[name](scale, **apg_options)

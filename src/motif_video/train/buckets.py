@@ -19,6 +19,7 @@ from typing import Iterable, Iterator, Mapping, Sequence
 import numpy as np
 
 from ..errors import ConfigError
+from ..latents import PATCH, PIXELS_PER_TOKEN, VAE_TEMPORAL, latent_shape, token_grid
 
 __all__ = [
     "Bucket",
@@ -32,8 +33,7 @@ __all__ = [
     "temporal_stride",
 ]
 
-SIZE_MULTIPLE = 16  # VAE 8x8 spatial x patch 2x2: one latent token per 16x16 pixels
-TEMPORAL_COMPRESSION = 4  # Wan VAE: 4k+1 frames -> k+1 latent frames
+SIZE_MULTIPLE = PIXELS_PER_TOKEN  # VAE 8x8 spatial x patch 2x2: one latent token per 16x16 pixels
 
 
 @dataclass(frozen=True, order=True)
@@ -48,7 +48,7 @@ class Bucket:
         t, h, w = self.num_frames, self.height, self.width
         if not all(isinstance(v, (int, np.integer)) for v in (t, h, w)):
             raise ConfigError(f"bucket {t}x{h}x{w}: frames, height and width must be integers")
-        if t < 1 or (t - 1) % TEMPORAL_COMPRESSION:
+        if t < 1 or (t - 1) % VAE_TEMPORAL:
             raise ConfigError(
                 f"bucket {self}: {t} frames is not 4k+1 (the Wan VAE compresses time 4x after the first frame)"
             )
@@ -78,8 +78,7 @@ class Bucket:
     @property
     def latent_tokens(self) -> int:
         """Video tokens the transformer sees for one sample of this bucket."""
-        latent_frames = (self.num_frames - 1) // TEMPORAL_COMPRESSION + 1
-        return latent_frames * (self.height // SIZE_MULTIPLE) * (self.width // SIZE_MULTIPLE)
+        return math.prod(token_grid(latent_shape(self.num_frames, self.height, self.width), PATCH))
 
 
 def parse_aspect(value) -> float:

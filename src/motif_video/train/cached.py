@@ -2,19 +2,23 @@
 
 Training at scale never runs the VAE or the text encoder: `motif-video cache` encodes every clip once and writes
 
-    <folder>/index.json                 format, version, text_encoder, teacher, dims, one record per sample
-    <folder>/shard-00000.safetensors    per sample `<key>.latents` (16, T', H', W') normalised VAE latents,
+    <folder>/index.json                 format, version, text_encoder, teacher, frame_rate, dims, one record per
+                                        sample (key, source, caption, bucket, latent_shape, text_len, shard)
+    <folder>/shard-*.safetensors        per sample `<key>.latents` (16, T', H', W') normalised VAE latents,
                                         `<key>.text` (L, D) text states, `<key>.text_mask` (L,) uint8,
                                         optional `<key>.teacher` (N_t, D_t) frozen REPA teacher features
     <folder>/empty_prompt.safetensors   optional `text` (L, D) + `text_mask` (L,) of the empty prompt (CFG dropout)
 
 Images are 1-frame clips (T' = 1). Each record carries its pixel bucket key "FRAMESxHEIGHTxWIDTH" (as
 `train.buckets.Bucket`; by default derived from the latent shape): samples that share one have the same latent
-shape, so a batch drawn from one bucket stacks without padding.
+shape, so a batch drawn from one bucket stacks without padding. A sample's key derives from its clip's identity
+(`source`) and bucket (`sample_key`); samples written without a source (and caches written before sources were
+recorded) have running-counter keys `s00000000`, ... and read the same way.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from dataclasses import dataclass
@@ -26,13 +30,17 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from ..errors import CheckpointError, ConfigError
-from .buckets import TEMPORAL_COMPRESSION, Bucket
+from ..latents import pixel_shape
+from ..pipeline.text import pad_text
+from .buckets import Bucket
 
-SPATIAL_COMPRESSION = 8  # Wan VAE
 INDEX_NAME = "index.json"
+PART_GLOB = "index-*.json"  # one per writer of a distributed `cache` run, folded into index.json at its end
 EMPTY_PROMPT_NAME = "empty_prompt.safetensors"
 FORMAT = "motif-video-latent-cache"
 VERSION = 1
+# Header fields that every sample of a cache shares; a writer appending with another value is refused.
+HEADER_FIELDS = ("text_encoder", "teacher", "frame_rate")
 
 
 @dataclass
@@ -44,16 +52,22 @@ class CachedSample:
     bucket: str | None = None  # checked against the latent shape, from which it is derived when None
     teacher: torch.Tensor | None = None  # (N_t, D_t) REPA teacher patch features
     teacher_grid: tuple[int, int, int] | None = None  # the teacher tokens' (t, h, w) layout
+    source: str | None = None  # the clip's identity (its path in the dataset); None: a running-counter key
 
 
 def default_bucket(latent_shape) -> str:
     """The pixel bucket "FRAMESxHEIGHTxWIDTH" (train.buckets format) of a Wan-VAE latent (C, T', H', W')."""
-    _, t, h, w = (int(s) for s in latent_shape)
-    return f"{(t - 1) * TEMPORAL_COMPRESSION + 1}x{h * SPATIAL_COMPRESSION}x{w * SPATIAL_COMPRESSION}"
+    return "x".join(str(n) for n in pixel_shape(*(int(s) for s in latent_shape[1:])))
+
+
+def sample_key(source: str, bucket: str) -> str:
+    """A sample's key from its clip's identity and its bucket: the same inputs give the same key whatever the order,
+    the process count or an interruption, so re-caching finds what is already there instead of duplicating it."""
+    return "c" + hashlib.sha256(f"{source}\n{bucket}".encode()).hexdigest()[:24]
 
 
 def _fsync_write_json(path: Path, data: dict) -> None:
-    tmp = path.with_name(path.name + ".tmp")
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
     with open(tmp, "w") as f:
         json.dump(data, f, indent=1)
         f.flush()
@@ -61,28 +75,77 @@ def _fsync_write_json(path: Path, data: dict) -> None:
     os.replace(tmp, path)
 
 
+def _new_index(header: dict) -> dict:
+    index = {"format": FORMAT, "version": VERSION, **{name: None for name in HEADER_FIELDS},
+             "latent_channels": None, "text_dim": None, "teacher_dim": None, "empty_prompt": None,
+             "shards": [], "samples": []}
+    index.update({k: v for k, v in header.items() if v is not None})
+    return index
+
+
+def _agree(index: dict, header: dict, where) -> None:
+    """Fill `index`'s unset header fields from `header`, refusing one that is set to something else."""
+    for name, value in header.items():
+        if value is None:
+            continue
+        recorded = index.get(name)
+        # Models are compared as names (an older cache may record an install path, a newer one a portable name).
+        same = recorded in (None, value) or (name in ("text_encoder", "teacher") and isinstance(recorded, str)
+                                             and same_source(recorded, value, by_name=name == "teacher"))
+        if not same:
+            raise ConfigError(f"cache {where} holds {name}={recorded!r}, not {value!r}")
+        index[name] = value
+
+
+def check_append(folder: Path, header: dict, keyed_by_source: bool = False) -> dict | None:
+    """The index of the cache in `folder` (None: no cache yet), with `header` filled in; ConfigError when samples
+    with this header cannot join it."""
+    if not (folder / INDEX_NAME).is_file():
+        return None
+    index = read_index(folder)
+    if keyed_by_source and any("source" not in r for r in index["samples"]):
+        raise ConfigError(f"cache {folder} was written before samples were keyed by their source clip, so caching "
+                          "into it again would duplicate them: cache into a new folder")
+    _agree(index, header, folder)
+    return index
+
+
 class CachedLatentWriter:
-    """Appends samples to a cache folder in shards of about `shard_bytes`; `close()` writes the index atomically,
-    so a cache interrupted mid-write still reads as its last complete index."""
+    """Appends samples to a cache folder in shards of about `shard_bytes`.
+
+    Alone (`part=None`) it extends index.json after each shard. With `part` (one writer per process of a distributed
+    `cache`) it writes `shard-<part>-NNNNN.safetensors` and its own `index-<part>.json`, and never touches
+    index.json; `merge_parts` folds the parts in. Either way a shard is complete before an index names it, so a
+    cache interrupted mid-write reads as its last complete index. Samples with a `source` are keyed by it
+    (`sample_key`): one already in the cache is not written again (`add` returns False).
+    """
 
     def __init__(self, folder: str | Path, *, text_encoder: str | None = None, teacher: str | None = None,
-                 shard_bytes: int = 1 << 30, trim_text_padding: bool = True):
+                 frame_rate: float | str | None = None, shard_bytes: int = 1 << 30, trim_text_padding: bool = True,
+                 part: str | None = None, keyed_by_source: bool = False):
         self.folder = Path(folder)
-        self.folder.mkdir(parents=True, exist_ok=True)
+        if self.folder.exists() and not self.folder.is_dir():
+            raise ConfigError(f"cache folder {self.folder} is an existing file")
+        try:
+            self.folder.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise ConfigError(f"cannot create cache folder {self.folder}: {e.strerror or e}") from None
         self.shard_bytes = shard_bytes
         self.trim_text_padding = trim_text_padding
-        index_path = self.folder / INDEX_NAME
-        if index_path.is_file():
-            self.index = read_index(self.folder)
-            for name, value in (("text_encoder", text_encoder), ("teacher", teacher)):
-                if value is not None and self.index.get(name) not in (None, value):
-                    raise ConfigError(f"cache {self.folder} holds {name}={self.index[name]!r}, not {value!r}")
-                if value is not None:
-                    self.index[name] = value
+        self.part = part
+        header = {"text_encoder": text_encoder, "teacher": teacher, "frame_rate": frame_rate}
+        merged = check_append(self.folder, header, keyed_by_source)
+        if part is None:
+            self.index = merged if merged is not None else _new_index(header)
+            self._index_path = self.folder / INDEX_NAME
         else:
-            self.index = {"format": FORMAT, "version": VERSION, "text_encoder": text_encoder, "teacher": teacher,
-                          "latent_channels": None, "text_dim": None, "teacher_dim": None, "empty_prompt": None,
-                          "shards": [], "samples": []}
+            base = _new_index({}) if merged is None else {k: v for k, v in merged.items()
+                                                           if k not in ("shards", "samples")}
+            self.index = {**base, "shards": [], "samples": []}
+            _agree(self.index, header, self.folder)
+            self._index_path = self.folder / f"index-{part}.json"
+        self.done: set[str] = {r["key"] for r in (merged or self.index)["samples"]}
+        self._counter = len((merged or self.index)["samples"])
         self._pending: dict[str, torch.Tensor] = {}
         self._pending_records: list[dict] = []
         self._pending_bytes = 0
@@ -93,7 +156,8 @@ class CachedLatentWriter:
         elif self.index[name] != value:
             raise ConfigError(f"cache {self.folder}: {name} is {self.index[name]}, a new sample has {value}")
 
-    def add(self, sample: CachedSample) -> None:
+    def add(self, sample: CachedSample) -> bool:
+        """Queue a sample for the current shard; False (nothing written) when its key is already in the cache."""
         latents, text = sample.latents, sample.text
         if latents.dim() != 4:
             raise ConfigError(f"cached latents must be (C, T, H, W), got {tuple(latents.shape)}")
@@ -108,16 +172,25 @@ class CachedLatentWriter:
             # dropping trailing pads is exact and saves most of the space (512-token padding).
             last = int(mask.nonzero().max()) + 1
             text, mask = text[:last], mask[:last]
-        self._check_dim("latent_channels", latents.shape[0])
-        self._check_dim("text_dim", text.shape[1])
         bucket = default_bucket(latents.shape)
         if sample.bucket is not None and str(Bucket.parse(sample.bucket)) != bucket:
             # Batches are drawn per bucket and stacked: a key that lies about the shape would break a batch later.
             raise ConfigError(f"bucket {sample.bucket} does not match latents {tuple(latents.shape)} (that is {bucket} "
                               "with the Wan VAE's 4x temporal, 8x spatial compression)")
-        key = f"s{len(self.index['samples']) + len(self._pending_records):08d}"
+        if sample.source is not None:
+            key = sample_key(sample.source, bucket)
+            if key in self.done:
+                return False
+        elif self.part is not None:
+            raise ConfigError("a part writer needs each sample's source (counter keys of parallel writers collide)")
+        else:
+            key = f"s{self._counter:08d}"
+        self._check_dim("latent_channels", latents.shape[0])
+        self._check_dim("text_dim", text.shape[1])
         record = {"key": key, "caption": sample.caption, "bucket": bucket,
                   "latent_shape": list(latents.shape), "text_len": int(text.shape[0])}
+        if sample.source is not None:
+            record["source"] = sample.source
         tensors = {f"{key}.latents": latents, f"{key}.text": text, f"{key}.text_mask": mask}
         if sample.teacher is not None:
             if self.index["teacher"] is None:
@@ -134,24 +207,35 @@ class CachedLatentWriter:
             self._pending[name] = t
             self._pending_bytes += t.numel() * t.element_size()
         self._pending_records.append(record)
+        self.done.add(key)
+        self._counter += 1
         if self._pending_bytes >= self.shard_bytes:
             self._flush()
+        return True
 
     def set_empty_prompt(self, text: torch.Tensor, text_mask: torch.Tensor | None = None) -> None:
         """The empty prompt's encoder states: what CFG dropout trains with (and what the sampler feeds as 'uncond')."""
         mask = torch.ones(text.shape[0], dtype=torch.uint8) if text_mask is None else text_mask.to(torch.uint8)
         self._check_dim("text_dim", text.shape[1])
         path = self.folder / EMPTY_PROMPT_NAME
-        tmp = path.with_name(path.name + ".tmp")
+        tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
         save_file({"text": text.detach().cpu().contiguous(), "text_mask": mask.cpu().contiguous()}, str(tmp))
         os.replace(tmp, path)
         self.index["empty_prompt"] = EMPTY_PROMPT_NAME
 
+    def _shard_name(self) -> str:
+        if self.part is not None:
+            return f"shard-{self.part}-{len(self.index['shards']):05d}.safetensors"
+        n = len(self.index["shards"])
+        while (self.folder / f"shard-{n:05d}.safetensors").exists():  # a shard of an interrupted write
+            n += 1
+        return f"shard-{n:05d}.safetensors"
+
     def _flush(self) -> None:
         if not self._pending_records:
             return
-        name = f"shard-{len(self.index['shards']):05d}.safetensors"
-        tmp = self.folder / (name + ".tmp")
+        name = self._shard_name()
+        tmp = self.folder / f"{name}.{os.getpid()}.tmp"
         save_file(self._pending, str(tmp), metadata={"format": "pt"})
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
@@ -161,12 +245,11 @@ class CachedLatentWriter:
         self.index["shards"].append(name)
         self.index["samples"].extend(self._pending_records)
         self._pending, self._pending_records, self._pending_bytes = {}, [], 0
-        _fsync_write_json(self.folder / INDEX_NAME, self.index)
+        _fsync_write_json(self._index_path, self.index)
 
     def close(self) -> Path:
         self._flush()
-        if not (self.folder / INDEX_NAME).is_file():
-            _fsync_write_json(self.folder / INDEX_NAME, self.index)
+        _fsync_write_json(self._index_path, self.index)  # also records an empty prompt set after the last shard
         return self.folder
 
     def __enter__(self):
@@ -180,7 +263,8 @@ class CachedLatentWriter:
 def write_cached_samples(folder: str | Path, samples: Iterable[CachedSample], *, empty_prompt=None,
                          text_encoder: str | None = None, teacher: str | None = None,
                          shard_bytes: int = 1 << 30) -> Path:
-    """Write (or append) samples to a cache folder; `empty_prompt`: (text (L, D), mask (L,)) or None."""
+    """Write (or append) samples to a cache folder; `empty_prompt`: (text (L, D), mask (L,)) or None. Samples with a
+    `source` already in the cache are not written again."""
     with CachedLatentWriter(folder, text_encoder=text_encoder, teacher=teacher, shard_bytes=shard_bytes) as writer:
         for sample in samples:
             writer.add(sample)
@@ -189,11 +273,58 @@ def write_cached_samples(folder: str | Path, samples: Iterable[CachedSample], *,
     return Path(folder)
 
 
+def _sample_order(numbered: tuple[int, dict]):
+    # Samples keyed by source sort by it, so a cache's order (hence a training run's data order) does not depend
+    # on how many processes wrote it or where it was interrupted; older counter-keyed samples keep their order.
+    position, record = numbered
+    return (0, position, "", "") if "source" not in record else (1, 0, record["source"], record["bucket"])
+
+
+def merge_parts(folder: str | Path, *, remove_orphans: bool = False) -> dict:
+    """Fold every part index (`index-*.json`) into index.json and delete the parts; returns the merged index.
+
+    A key found twice (the same clip listed twice, or a part left by an interrupted run) keeps its first copy.
+    `remove_orphans` also deletes temporary files and shards that no index names (written by a process killed
+    between a shard and its index): only safe while no other writer works in the folder.
+    """
+    folder = Path(folder)
+    index = read_index(folder) if (folder / INDEX_NAME).is_file() else None
+    parts = sorted(folder.glob(PART_GLOB))
+    for path in parts:
+        part = _load_index(path)
+        if index is None:
+            index = _new_index({})
+        _agree(index, {k: part.get(k) for k in (*HEADER_FIELDS, "latent_channels", "text_dim", "teacher_dim",
+                                                  "empty_prompt")}, folder)
+        keys = {r["key"] for r in index["samples"]}
+        index["shards"] += [s for s in part["shards"] if s not in index["shards"]]
+        index["samples"] += [r for r in part["samples"] if r["key"] not in keys]
+    if index is None:
+        index = _new_index({})
+    index["samples"] = [r for _, r in sorted(enumerate(index["samples"]), key=_sample_order)]
+    _fsync_write_json(folder / INDEX_NAME, index)
+    for path in parts:
+        path.unlink()
+    if remove_orphans:
+        named = set(index["shards"])
+        for path in folder.glob("shard-*"):
+            if path.name not in named and (path.suffix == ".tmp" or path.name.endswith(".safetensors")):
+                path.unlink()
+        for path in folder.glob("*.tmp"):
+            if path.name.startswith((INDEX_NAME, "index-", EMPTY_PROMPT_NAME)):
+                path.unlink()
+    return index
+
+
 def read_index(folder: Path) -> dict:
     path = folder / INDEX_NAME
     if not path.is_file():
         raise ConfigError(f"{folder} is not a latent cache: it has no {INDEX_NAME} "
                           "(write one with `motif-video cache`)")
+    return _load_index(path)
+
+
+def _load_index(path: Path) -> dict:
     try:
         index = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
@@ -208,8 +339,9 @@ def read_index(folder: Path) -> dict:
 # -- reading -------------------------------------------------------------------------------------------------------
 def same_source(recorded: str | None, wanted: str, by_name: bool = False) -> bool:
     """Whether the model a cache records (a name, hub id or folder path) is the one a config names: the same
-    string, the same folder, or (`by_name`) the same last path component, e.g. `dinov2-base` for
-    `/models/dinov2-base` or `facebook/dinov2-base`."""
+    string, the same folder, a relative name that ends the other's path (`Motif-Video-2B/text_encoder`, as
+    `motif-video cache` records it, for `/models/Motif-Video-2B/text_encoder`), or (`by_name`) the same last path
+    component, e.g. `dinov2-base` for `/models/dinov2-base` or `facebook/dinov2-base`."""
     if recorded is None:
         return False
     if recorded == wanted:
@@ -217,6 +349,10 @@ def same_source(recorded: str | None, wanted: str, by_name: bool = False) -> boo
     a, b = Path(recorded).expanduser(), Path(wanted).expanduser()
     if a.exists() and b.exists() and a.resolve() == b.resolve():
         return True
+    for short, long in ((a, b), (b, a)):
+        if not short.is_absolute() and len(short.parts) <= len(long.parts) \
+                and long.parts[len(long.parts) - len(short.parts):] == short.parts:
+            return True
     return by_name and a.name == b.name
 
 
@@ -303,17 +439,6 @@ class CachedLatentDataset(torch.utils.data.Dataset):
         folder, name = self._empty
         with safe_open(str(folder / name), framework="pt") as f:
             return f.get_tensor("text").float(), f.get_tensor("text_mask").bool()
-
-
-def pad_text(texts: list[torch.Tensor], masks: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Right-pad (L_i, D) states to (B, L_max, D) with a (B, L_max) keep-mask."""
-    length = max(t.shape[0] for t in texts)
-    out = texts[0].new_zeros(len(texts), length, texts[0].shape[1])
-    keep = torch.zeros(len(texts), length, dtype=torch.bool)
-    for i, (t, m) in enumerate(zip(texts, masks)):
-        out[i, : t.shape[0]] = t
-        keep[i, : m.shape[0]] = m
-    return out, keep
 
 
 def collate(items: list[dict]) -> dict:

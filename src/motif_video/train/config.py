@@ -30,7 +30,7 @@ class ModelSection:
     # TransformerConfig fields; with `pretrained` only those that keep its weights' layout (e.g. rope_theta)
     overrides: dict[str, Any] = field(default_factory=dict)
     # The DDT decoder's init for a preset: "random", or "matched" (decoder token i reads encoder token i from step
-    # 0; MotifVideoTransformer.init_matched_decoder), whose Q/K skip the channels RoPE turns over `matched_grid`
+    # 0; train.surgery.init_matched_decoder), whose Q/K skip the channels RoPE turns over `matched_grid`
     decoder_init: Literal["random", "matched"] = "random"
     matched_grid: list[int] = field(default_factory=lambda: [5, 4, 4])  # (T', H', W') tokens of the longest clips
 
@@ -62,6 +62,16 @@ class DataSection:
     buckets: list[str] | None = None  # keep only these bucket keys (None: all in the cache)
     text_encoder: str | None = None  # if set, every cache must have been written with this text encoder
     num_workers: int = 0
+    # Samples per forward/backward on each process; a step accumulates ceil(per-process batch / this) of them and
+    # equals the unsplit step. None: the whole per-process batch at once.
+    micro_batch_size: int | None = None
+    # The shard planner (train/planner.py): null = one bucket per step at batch_size; "greedy" or "annealed" =
+    # mixed buckets balanced across ranks, each micro-batch filled up to planner_max_tokens latent tokens (null:
+    # one sample of the largest bucket), planner_micro_batches per rank per step. batch_size and interleave are
+    # then unused: a step holds what the plan puts in it.
+    planner: Literal["greedy", "annealed"] | None = None
+    planner_max_tokens: int | None = None
+    planner_micro_batches: int = 1
 
     def validate(self, key: str) -> None:
         if not self.cache_dirs:
@@ -71,6 +81,15 @@ class DataSection:
             raise ConfigError(f"{key}.batch_size must be a positive integer or a map frame count -> positive integer")
         if self.num_workers < 0:
             raise ConfigError(f"{key}.num_workers must be >= 0")
+        if self.micro_batch_size is not None and self.micro_batch_size < 1:
+            raise ConfigError(f"{key}.micro_batch_size must be >= 1 or null")
+        if self.planner_max_tokens is not None and self.planner_max_tokens < 1:
+            raise ConfigError(f"{key}.planner_max_tokens must be >= 1 or null")
+        if self.planner_micro_batches < 1:
+            raise ConfigError(f"{key}.planner_micro_batches must be >= 1")
+        if self.planner is not None and self.micro_batch_size is not None:
+            raise ConfigError(f"{key}.micro_batch_size does not apply with {key}.planner (the plan sizes each "
+                              f"micro-batch by {key}.planner_max_tokens)")
         parts = [p for p in self.interleave.split("-") if p] if self.interleave else []
         if any(p not in ("I", "V") for p in parts):
             raise ConfigError(f"{key}.interleave={self.interleave!r}: use letters I and V joined by '-', e.g. I-V-V")
@@ -277,6 +296,9 @@ class TrainConfig:
     ema: EmaSection = field(default_factory=EmaSection)
     precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 on CUDA, fp32 on CPU
     grad_checkpointing: bool = False
+    # torch.compile each transformer block in place (regional: one graph per block kind), inside the FSDP2 wrapping
+    compile: bool = False
+    compile_backend: str = "inductor"  # "aot_eager": the same graphs without code generation (tests, debugging)
     parallel: ParallelSection = field(default_factory=ParallelSection)
     logging: LoggingSection = field(default_factory=LoggingSection)
     checkpointing: CheckpointSection = field(default_factory=CheckpointSection)

@@ -3,7 +3,7 @@
 Sources: a folder (every clip or image next to a same-name `.txt` caption) or a CSV / JSONL metadata file (columns
 `path`, `caption`, optional `fps`, `num_frames`, `height`, `width`; paths relative to the metadata file). Images
 are 1-frame clips. Metadata that already carries the frame count, size and fps lets a dataset of millions of clips
-be bucketed without opening a single file.
+be bucketed without opening a single file. WebDataset tar shards, local or by URL, are read by `train.shards`.
 
 A long run must not die on one bad file: clips that cannot be opened or have no frames are skipped with a warning
 and counted (`ClipDataset.num_skipped`), both when the dataset is built and when a clip later fails to decode.
@@ -26,7 +26,7 @@ from torch.utils.data import Dataset
 
 from ..errors import ConfigError, MotifVideoError
 from ..records import JSONL_SUFFIXES, read_jsonl
-from ..pipeline.video_io import VIDEO_EXTENSIONS, probe_video, read_video
+from ..pipeline.video_io import IMAGE_EXTENSIONS, MEDIA_EXTENSIONS, probe_video, read_video
 from .buckets import Bucket, BucketSet, source_span, temporal_stride
 
 __all__ = [
@@ -36,6 +36,8 @@ __all__ = [
     "collate_clips",
     "decode_frames",
     "frame_indices",
+    "load_clip",
+    "probe_clip",
     "read_metadata",
     "resize_center_crop",
     "scan_folder",
@@ -43,8 +45,6 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
-MEDIA_EXTENSIONS = tuple(VIDEO_EXTENSIONS) + IMAGE_EXTENSIONS
 # How many other clips of the same bucket a failed decode may fall back to before the batch is given up.
 MAX_SUBSTITUTES = 8
 
@@ -59,6 +59,9 @@ class Clip:
     fps: float | None = None
     height: int | None = None
     width: int | None = None
+    # Its identity within the dataset (the path relative to the folder, metadata file or tar shard set): what a
+    # cached sample is keyed by, so the same clip gets the same key however it was reached.
+    source: str | None = None
 
     @property
     def is_image(self) -> bool:
@@ -89,7 +92,7 @@ def scan_folder(root) -> list[Clip]:
         caption = caption_file.read_text(encoding="utf-8").strip()
         if not caption:
             raise MotifVideoError(f"caption file {caption_file} for {path} is empty")
-        clips.append(Clip(path, caption))
+        clips.append(Clip(path, caption, source=path.relative_to(root).as_posix()))
     if not clips:
         raise MotifVideoError(f"no clips or images found under {root} (extensions: {', '.join(MEDIA_EXTENSIONS)})")
     return clips
@@ -127,11 +130,17 @@ def _clip_from_row(meta: Path, line: int, row: dict) -> Clip:
     if rel is None or str(rel).strip() == "":
         raise MotifVideoError(f"{meta}:{line}: row has no path")
     clip_path = Path(str(rel).strip())
+    source = clip_path.as_posix()
     if not clip_path.is_absolute():
         clip_path = meta.parent / clip_path
     caption = row.get("caption")
     if caption is None or str(caption).strip() == "":
         raise MotifVideoError(f"{meta}:{line}: clip {clip_path} has no caption")
+    return Clip(clip_path, str(caption).strip(), source=source, **clip_numbers(row, f"{meta}:{line}"))
+
+
+def clip_numbers(row: dict, where: str) -> dict:
+    """The optional `fps`, `num_frames`, `height`, `width` of a metadata row, checked; `where` names the row."""
     values = {}
     for key, kind in _NUMERIC.items():
         raw = row.get(key)
@@ -139,23 +148,24 @@ def _clip_from_row(meta: Path, line: int, row: dict) -> Clip:
             continue
         try:
             value = kind(float(raw)) if kind is int else kind(raw)
-        except (TypeError, ValueError):
-            raise MotifVideoError(f"{meta}:{line}: {key}={raw!r} is not a number") from None
+        except (TypeError, ValueError, OverflowError):
+            raise MotifVideoError(f"{where}: {key}={raw!r} is not a number") from None
         if value < 0 or (kind is float and not math.isfinite(value)) or (key != "num_frames" and value == 0):
-            raise MotifVideoError(f"{meta}:{line}: {key}={raw!r} is out of range")
+            raise MotifVideoError(f"{where}: {key}={raw!r} is out of range")
         values[key] = value
-    return Clip(clip_path, str(caption).strip(), **values)
+    return values
 
 
-def _probe(clip: Clip) -> Clip:
-    """Fill in what the source did not say; MotifVideoError when the file cannot be opened or has no frames."""
+def probe_clip(clip: Clip) -> Clip:
+    """Fill in what the source did not say; MotifVideoError when the file cannot be opened or has no frames. A
+    folder of PNG frames (`pipeline.video_io`'s frame-folder format) is a clip too."""
     if clip.num_frames == 0:
         raise MotifVideoError(f"{clip.path} has zero frames")
     if clip.is_image and clip.num_frames not in (None, 1):
         clip = replace(clip, num_frames=1)  # metadata cannot give a still image more frames than it has
     if clip.is_probed:
         return clip
-    if not clip.path.is_file():
+    if not clip.path.exists():
         raise MotifVideoError(f"{clip.path} does not exist")
     if clip.is_image:
         try:
@@ -238,6 +248,20 @@ def resize_center_crop(frames: np.ndarray, height: int, width: int) -> torch.Ten
     return x.permute(1, 0, 2, 3).contiguous()  # (3, T, H, W)
 
 
+def load_clip(clip: Clip, bucket: Bucket, fps: float | None, start: int | None = None,
+              rng: np.random.Generator | None = None) -> torch.Tensor:
+    """A probed clip decoded, resampled to `fps` and cropped to `bucket`: float (3, T, H, W) in [-1, 1]. The window
+    starts at source frame `start`, a random one from `rng`, or the first."""
+    idx = frame_indices(clip.num_frames, bucket.num_frames, clip.fps, None if clip.is_image else fps, start, rng)
+    return resize_center_crop(decode_frames(clip.path, idx), bucket.height, bucket.width)
+
+
+def describe_length(clip: Clip) -> str:
+    """'120 frames at 30 fps' (or without a rate for images and unknown rates), for messages."""
+    rate = f" at {clip.fps:g} fps" if clip.fps and not clip.is_image else ""
+    return f"{clip.num_frames} frame{'s' if clip.num_frames != 1 else ''}{rate}"
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Dataset
 # ----------------------------------------------------------------------------------------------------------------
@@ -264,22 +288,22 @@ class ClipDataset(Dataset):
         self.unplaced: list[str] = []  # readable, but no bucket can hold them (too few frames)
         for clip in clips:
             try:
-                clip = _probe(clip)
+                clip = probe_clip(clip)
             except MotifVideoError as e:
                 self._skip(str(clip.path), str(e))
                 continue
             b = self.buckets.assign(clip.num_frames, clip.height, clip.width, clip.fps, fps)
             if b is None:
                 self.unplaced.append(str(clip.path))
-                log.warning("no bucket can hold %s (%d frames at %s fps); leaving it out", clip.path,
-                            clip.num_frames, clip.fps)
+                log.warning("no bucket can hold %s (%s); leaving it out", clip.path, describe_length(clip))
                 continue
             self.clips.append(clip)
             self.bucket_of.append(b)
         if not self.clips:
             raise ConfigError(
                 f"no bucket in {self.buckets!r} can hold any of the {len(clips)} clips "
-                f"({len(self.skipped)} unreadable, {len(self.unplaced)} too short at {fps} fps)"
+                f"({len(self.skipped)} unreadable, {len(self.unplaced)} too short "
+                f"{'at the source frame rate' if fps is None else f'at {fps:g} fps'})"
             )
         self._members: dict[int, list[int]] = {}
         self._position: list[int] = []  # index -> its place in its bucket's member list
@@ -319,9 +343,7 @@ class ClipDataset(Dataset):
         """Item `index` with its window starting at source frame `start` (random or first frame when None)."""
         clip, bucket = self.clips[index], self.buckets[self.bucket_of[index]]
         rng = np.random.default_rng([self.seed, self.epoch, index]) if self.random_start and start is None else None
-        fps = None if clip.is_image else self.fps
-        idx = frame_indices(clip.num_frames, bucket.num_frames, clip.fps, fps, start, rng)
-        pixels = resize_center_crop(decode_frames(clip.path, idx), bucket.height, bucket.width)
+        pixels = load_clip(clip, bucket, self.fps, start, rng)
         return {"pixels": pixels, "caption": clip.caption, "index": index, "bucket": bucket}
 
     def __getitem__(self, index: int) -> dict:

@@ -4,17 +4,23 @@ One process per device (launched by `accelerate launch` or `torchrun`; plain `py
 sets up the process group, the device, autocast and TensorBoard; the model is sharded from outside by
 `parallel.parallelize` (FSDP2 over ranks, activation checkpointing), and the loss comes from `objective`.
 
-A step: global batch from the bucket sampler (each rank takes its slice) -> flow-matching loss (+ REPA) ->
-backward -> clip -> AdamW -> LR schedule -> EMA. A non-finite loss or gradient norm stops the run before the
-optimizer touches the weights, leaving the last checkpoint as the last good state.
+A step: this rank's micro-batches of the global batch (`steps`: bucketed batches or the shard planner) -> for each,
+flow-matching loss (+ REPA) weighted by its share of the step's samples -> backward (gradients accumulate) -> clip ->
+AdamW -> LR schedule -> EMA. A non-finite loss or gradient norm stops the run before the optimizer touches the
+weights; checkpoints whose weights or losses left their recent history are set aside, so that the last healthy one
+is what a resume continues from. One run at a time per output_dir (a lock file).
 """
 
 from __future__ import annotations
 
+import fcntl
 import json
 import math
+import os
 import random
+import statistics
 import time
+from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -24,14 +30,25 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from ..errors import ConfigError, MotifVideoError
-from .buckets import Bucket, BucketBatchSampler, BucketSet
+from ..model_folder import default_device_dtype
+from .buckets import Bucket, BucketSet
 from .cached import CachedLatentDataset, collate
-from .checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
+from .checkpoint import (broadcast_from_main, checkpoint_health, list_checkpoints, load_latest, save_checkpoint,
+                         set_aside)
 from .config import TrainConfig
 from .ema import EMA
 from .objective import FlowMatchingObjective, TrainModule
-from .parallel import full_tensor, mean_across_ranks, parallelize
+from .parallel import full_tensor, parallelize, reshard, sum_across_ranks, weight_norm
 from .stages import build_transformer
+from .steps import make_steps
+
+# A checkpoint counts as healthy (may be named as the last good state, is never pruned while it is the newest
+# such) when its weight norm is within this factor of the previous healthy one's (or the initial weights') and
+# the mean loss of the steps before it is within LOSS_BOUND of the median of the recent losses. A blow-up moves
+# weights by orders of magnitude; normal training changes the norm by percents between checkpoints.
+WEIGHT_NORM_BOUND = 4.0
+LOSS_BOUND = 10.0
+LOSS_HISTORY = 200
 
 
 class TrainingDiverged(MotifVideoError):
@@ -55,9 +72,9 @@ def seed_everything(seed: int) -> None:
 
 
 # -- data plumbing -------------------------------------------------------------------------------------------------
-class _Positioned(Dataset):
-    """Carries the sampler position along with each index, so a consumed batch knows where the sampler stood after
-    it, even when DataLoader workers prefetch batches ahead of training."""
+class _Tagged(Dataset):
+    """Carries each micro-batch's place in its step along with each index, so a consumed micro-batch knows its
+    sample ids, loss weight and the data position after its step, even when DataLoader workers prefetch ahead."""
 
     def __init__(self, dataset: CachedLatentDataset):
         self.dataset = dataset
@@ -66,27 +83,62 @@ class _Positioned(Dataset):
         return len(self.dataset)
 
     def __getitem__(self, item):
-        index, position = item
+        index, tag = item
         sample = self.dataset[index]
-        sample["position"] = position
+        sample["tag"] = tag
         return sample
 
 
-class _PositionedBatches:
-    def __init__(self, sampler: BucketBatchSampler):
-        self.sampler = sampler
+class _MicroBatches:
+    """The step source as a DataLoader batch sampler: one micro-batch at a time."""
+
+    def __init__(self, steps):
+        self.steps = steps
 
     def __iter__(self):
-        while True:  # epochs roll over inside the sampler
-            for batch in self.sampler:
-                position = (self.sampler.epoch, self.sampler.batches_done)
-                yield [(i, position) for i in batch]
+        for step in self.steps:
+            count = len(step.micro_batches)
+            for k, mb in enumerate(step.micro_batches):
+                tag = {"k": k, "count": count, "sample_ids": mb.sample_ids, "weight": mb.weight,
+                       "position": step.position}
+                yield [(i, tag) for i in mb.indices]
 
 
 def _collate(items: list[dict]) -> dict:
     batch = collate(items)
-    batch["position"] = items[0]["position"]
+    batch["tag"] = items[0]["tag"]
     return batch
+
+
+class RunLock:
+    """An exclusive lock on a run folder for the lifetime of a training run (released by the OS if the process
+    dies): two runs writing one folder would interleave their logs and checkpoints."""
+
+    def __init__(self, folder: Path):
+        self.path = folder / ".lock"
+        self.fd: int | None = None
+
+    def acquire(self) -> str | None:
+        """None when taken; otherwise why not."""
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "another process"
+            os.close(fd)
+            return (f"{self.path.parent} is in use by another training run ({holder}); wait for it to finish or "
+                    "choose another output_dir")
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"pid {os.getpid()}".encode(), 0)
+        self.fd = fd
+        return None
+
+    def release(self) -> None:
+        if self.fd is not None:
+            fcntl.flock(self.fd, fcntl.LOCK_UN)
+            os.close(self.fd)
+            self.fd = None
 
 
 @dataclass
@@ -105,15 +157,23 @@ class Trainer:
         self.callbacks = list(callbacks or [])
         self.output_dir = Path(config.output_dir)
         self.checkpoint_dir = self.output_dir / "checkpoints"
+        self.lock = RunLock(self.output_dir)
 
     # -- setup ---------------------------------------------------------------------------------------------------------
     def _precision(self) -> torch.dtype:
         p = self.config.precision
         if p == "auto":
-            return torch.bfloat16 if torch.cuda.is_available() else torch.float32
+            return default_device_dtype()[1]
         return torch.bfloat16 if p == "bf16" else torch.float32
 
     def setup(self) -> None:
+        try:
+            self._setup()
+        except BaseException:
+            self.lock.release()
+            raise
+
+    def _setup(self) -> None:
         from accelerate import Accelerator
         from accelerate.utils import ProjectConfiguration
 
@@ -133,6 +193,11 @@ class Trainer:
         self.device, self.rank, self.world = acc.device, acc.process_index, acc.num_processes
         self.is_main = acc.is_main_process
 
+        # 0. The run folder: ours alone for this run (rank 0 holds the lock; every rank learns the verdict)
+        busy = self.lock.acquire() if self.is_main else None
+        busy = broadcast_from_main(busy)
+        if busy is not None:
+            raise ConfigError(busy)
         existing = list_checkpoints(self.checkpoint_dir)
         if existing and not self.resume:
             raise ConfigError(f"{self.output_dir} already holds checkpoints: pass --resume to continue that run, "
@@ -143,6 +208,10 @@ class Trainer:
         self.dataset = CachedLatentDataset(c.data.cache_dirs, buckets=c.data.buckets,
                                            text_encoder=c.data.text_encoder,
                                            teacher=align.teacher if align is not None else None)
+        buckets = [Bucket.parse(k) for k in self.dataset.bucket_keys]
+        bucket_set = BucketSet(buckets)
+        self.steps = make_steps(c.data, [bucket_set.index(b) for b in buckets], bucket_set, seed=c.seed,
+                                rank=self.rank, world=self.world)
         # 2. Model: same seed on every rank, so random inits agree before sharding
         seed_everything(c.seed)
         transformer = build_transformer(c)
@@ -164,7 +233,8 @@ class Trainer:
         module = TrainModule(transformer, aligner, align.block if align is not None else None)
         self.module = parallelize(module, transformer, device=self.device, compute_dtype=self.compute_dtype,
                                   grad_checkpointing=c.grad_checkpointing,
-                                  reshard_after_forward=c.parallel.reshard_after_forward)
+                                  reshard_after_forward=c.parallel.reshard_after_forward,
+                                  compile_backend=c.compile_backend if c.compile else None)
         self.ema = EMA(self.module.transformer, c.ema.decay) if c.ema.enabled else None
 
         # 3. Optimizer and schedule
@@ -177,48 +247,52 @@ class Trainer:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda s: lr_factor(s, o.warmup_steps, o.steps, o.schedule, o.min_lr_ratio))
 
-        # 4. Sampler: the global batch split over ranks
-        buckets = [Bucket.parse(k) for k in self.dataset.bucket_keys]
-        bucket_set = BucketSet(buckets)
-        self.sampler = BucketBatchSampler(
-            [bucket_set.index(b) for b in buckets], bucket_set, self._per_rank_batch(c.data.batch_size),
-            interleave=c.data.interleave or None, seed=c.seed, shuffle=True, drop_last=True,
-            rank=self.rank, world_size=self.world)
-
         self.objective = FlowMatchingObjective(
-            c.objective, seed=c.seed, patch_size=(transformer.config.patch_size_t, transformer.config.patch_size,
-                                                  transformer.config.patch_size),
-            num_blocks=num_blocks, route=c.route_config(), alignment=align,
+            c.objective, seed=c.seed, patch_size=transformer.config.patch, num_blocks=num_blocks, route=c.route_config(), alignment=align,
             empty_prompt=self.dataset.empty_prompt(), text_dim=self.dataset.text_dim)
 
-        # 5. Resume
+        # 4. Resume: the newest usable checkpoint (damaged ones are passed over with a warning)
         self.step = 0
+        self.reference = {"weight_norm": weight_norm(self.params), "loss": None}  # health reference
         if self.resume and existing:
-            state = load_checkpoint(existing[-1], module=self.module, optimizer=self.optimizer,
-                                    scheduler=self.scheduler, ema=self.ema, config=c)
+            state = load_latest(self.checkpoint_dir, module=self.module, optimizer=self.optimizer, ema=self.ema,
+                                config=c, log=self._print)
+            if state is None:
+                raise ConfigError(f"no checkpoint in {self.checkpoint_dir} can be resumed from (see the warnings); "
+                                  "move them away to start afresh")
             self.step = int(state["step"])
-            self.sampler.load_state_dict(state["sampler"])
-            self._print(f"resumed from {existing[-1]} at step {self.step}")
+            self.steps.load_state_dict({**state["data"], "world_size": state["world_size"]})
+            health = state["health"]
+            if health.get("healthy", True) and health.get("weight_norm") is not None:
+                self.reference = {"weight_norm": health["weight_norm"], "loss": health.get("loss")}
+            self._print(f"resumed from {state['path']} at step {self.step}"
+                        + (f" (written by {state['world_size']} processes, now {self.world})"
+                           if state["world_size"] != self.world else ""))
         elif self.resume:
             self._print(f"nothing to resume in {self.checkpoint_dir}; starting from step 0")
-        self.sampler_state = self.sampler.state_dict()
+        self._set_schedule(self.step)
+        self.data_position = self.steps.state_dict()
         if self.is_main:
             self.output_dir.mkdir(parents=True, exist_ok=True)
             if self.step == 0:
                 (self.output_dir / "log.jsonl").unlink(missing_ok=True)
-        self.loader = DataLoader(_Positioned(self.dataset), batch_sampler=_PositionedBatches(self.sampler),
+        self.loader = DataLoader(_Tagged(self.dataset), batch_sampler=_MicroBatches(self.steps),
                                  collate_fn=_collate, num_workers=c.data.num_workers,
                                  pin_memory=self.device.type == "cuda")
 
-    def _per_rank_batch(self, global_batch):
-        def split(n, what):
-            if n % self.world:
-                raise ConfigError(f"data.batch_size {what}={n} is not divisible by the {self.world} processes")
-            return n // self.world
-
-        if isinstance(global_batch, dict):
-            return {int(k): split(v, f"[{k}]") for k, v in global_batch.items()}
-        return split(global_batch, "")
+    def _set_schedule(self, step: int) -> None:
+        """The optimizer's hyperparameters from the config and its learning rate for `step`: after a resume the
+        config's lr and schedule apply, not the ones the checkpoint was trained with."""
+        o = self.config.optim
+        for group in self.optimizer.param_groups:
+            group.update(initial_lr=o.lr, betas=o.betas, weight_decay=o.weight_decay, eps=o.eps)
+        self.scheduler.base_lrs = [o.lr] * len(self.optimizer.param_groups)
+        self.scheduler.last_epoch = step
+        lrs = [o.lr * lr_factor(step, o.warmup_steps, o.steps, o.schedule, o.min_lr_ratio)
+               for _ in self.optimizer.param_groups]
+        for group, lr in zip(self.optimizer.param_groups, lrs):
+            group["lr"] = lr
+        self.scheduler._last_lr = lrs
 
     def _print(self, message: str) -> None:
         if self.is_main:
@@ -227,9 +301,19 @@ class Trainer:
             tqdm.write(message)
 
     # -- the loop ------------------------------------------------------------------------------------------------------
+    def _micro_batches(self, data) -> list[dict]:
+        first = next(data)
+        return [first] + [next(data) for _ in range(first["tag"]["count"] - 1)]
+
     def train(self) -> TrainResult:
-        if not hasattr(self, "module"):
-            self.setup()
+        try:
+            if not hasattr(self, "module"):
+                self.setup()
+            return self._train()
+        finally:
+            self.lock.release()
+
+    def _train(self) -> TrainResult:
         c = self.config
         acc = self.accelerator
         if self.is_main:
@@ -242,6 +326,8 @@ class Trainer:
                         desc="train", dynamic_ncols=True)
         result = TrainResult(self.step)
         window: dict[str, list[float]] = {}
+        self.losses: deque[float] = deque(maxlen=LOSS_HISTORY)
+        self.since_checkpoint: list[float] = []
         last_checkpoint = list_checkpoints(self.checkpoint_dir)[-1] if list_checkpoints(self.checkpoint_dir) else None
         self.module.train()
         data = iter(self.loader)
@@ -249,18 +335,28 @@ class Trainer:
             while self.step < c.optim.steps:
                 step = self.step + 1
                 started = time.perf_counter()
-                batch = next(data)
-                sample_ids = [self.rank * len(batch["indices"]) + i for i in range(len(batch["indices"]))]
-                with acc.autocast():
-                    out = self.objective(self.module, batch, step, sample_ids, self.device)
-                loss = mean_across_ranks(out.loss).item()
+                micro = self._micro_batches(data)
+                # Each micro-batch's mean loss weighted by its share of the step's samples: the gradients sum to
+                # those of the whole global batch's mean. FSDP averages gradients over ranks, hence x world.
+                local = torch.zeros(3, dtype=torch.float64)  # weighted loss, flow loss, REPA loss
+                tokens = 0
+                for batch in micro:
+                    tag = batch["tag"]
+                    with acc.autocast():
+                        out = self.objective(self.module, batch, step, tag["sample_ids"], self.device)
+                    (out.loss * (tag["weight"] * self.world)).backward()
+                    local += torch.tensor([out.loss.item(), out.flow.item(),
+                                           out.repa.item() if out.repa is not None else 0.0],
+                                          dtype=torch.float64) * tag["weight"]
+                    tokens += out.tokens if tag["weight"] > 0 else 0
+                totals = sum_across_ranks(torch.cat([local, torch.tensor([float(tokens)], dtype=torch.float64)]))
+                loss = totals[0].item()
                 if not math.isfinite(loss):
-                    raise TrainingDiverged(self._diverged("loss", loss, step, last_checkpoint))
-                out.loss.backward()
+                    raise TrainingDiverged(self._diverged("loss", loss, step))
                 clip = c.optim.grad_clip if c.optim.grad_clip is not None else float("inf")
                 grad_norm = full_tensor(torch.nn.utils.clip_grad_norm_(self.params, clip)).item()
                 if not math.isfinite(grad_norm):
-                    raise TrainingDiverged(self._diverged("gradient norm", grad_norm, step, last_checkpoint))
+                    raise TrainingDiverged(self._diverged("gradient norm", grad_norm, step))
                 lr = self.scheduler.get_last_lr()[0]
                 self.optimizer.step()
                 self.scheduler.step()
@@ -268,14 +364,15 @@ class Trainer:
                 if self.ema is not None:
                     self.ema.update(self.module.transformer)
                 self.step = step
-                self.sampler_state = {**self.sampler.state_dict(), "epoch": batch["position"][0],
-                                      "batches_done": batch["position"][1]}
+                self.data_position = micro[-1]["tag"]["position"]
+                self.losses.append(loss)
+                self.since_checkpoint.append(loss)
                 elapsed = time.perf_counter() - started
 
-                metrics = {"loss": loss, "flow_loss": mean_across_ranks(out.flow).item(), "grad_norm": grad_norm,
-                           "lr": lr, "step_time": elapsed, "tokens_per_s": out.tokens * self.world / elapsed}
-                if out.repa is not None:
-                    metrics["repa_loss"] = mean_across_ranks(out.repa).item()
+                metrics = {"loss": loss, "flow_loss": totals[1].item(), "grad_norm": grad_norm,
+                           "lr": lr, "step_time": elapsed, "tokens_per_s": totals[3].item() / elapsed}
+                if self.objective.repa_active(step):
+                    metrics["repa_loss"] = totals[2].item()
                 result.losses[step] = loss
                 for k, v in metrics.items():
                     window.setdefault(k, []).append(v)
@@ -298,10 +395,34 @@ class Trainer:
         result.checkpoint = last_checkpoint
         return result
 
-    def _diverged(self, what: str, value: float, step: int, checkpoint: Path | None) -> str:
-        where = f"the last good checkpoint is {checkpoint}" if checkpoint else "no checkpoint was written yet"
-        return (f"training diverged: {what} is {value} at step {step}; stopped before the update, {where} "
-                "(lower optim.lr or raise optim.warmup_steps, then resume)")
+    def _health(self) -> dict:
+        """Whether the weights about to be saved look like the run's recent history (see WEIGHT_NORM_BOUND)."""
+        norm = weight_norm(self.params)
+        recent = self.since_checkpoint[-10:]
+        loss = sum(recent) / len(recent) if recent else None
+        typical = statistics.median(self.losses) if self.losses else None
+        ok_norm = math.isfinite(norm) and norm <= WEIGHT_NORM_BOUND * self.reference["weight_norm"]
+        ok_loss = loss is None or (math.isfinite(loss) and (typical is None or loss <= LOSS_BOUND * typical))
+        return {"healthy": bool(ok_norm and ok_loss), "loss": loss, "weight_norm": norm}
+
+    def _diverged(self, what: str, value: float, step: int) -> str:
+        """The error message, after setting aside the checkpoints written since the last healthy one (so that a
+        plain --resume continues from the last good state)."""
+        found = list_checkpoints(self.checkpoint_dir)
+        healthy = [p for p in found if checkpoint_health(p).get("healthy", True)]
+        good = healthy[-1] if healthy else None
+        bad = [p for p in found if good is None or p.name > good.name]
+        moved = []
+        if self.is_main and bad:
+            moved = set_aside(bad, "diverged")
+        moved_names = broadcast_from_main([p.name for p in moved])
+        where = (f"the last good checkpoint is {good}" if good else
+                 "no checkpoint from before the blow-up exists")
+        if moved_names:
+            where += f" ({len(moved_names)} later one(s) with blown-up weights renamed to {moved_names[0]}...)"
+        return (f"training diverged: {what} is {value} at step {step}; stopped before the update, {where}; "
+                f"lower optim.lr (now {self.config.optim.lr:g}) or raise optim.warmup_steps and resume: "
+                f"motif-video train {self.output_dir} --override optim.lr=...")
 
     def _log(self, step: int, metrics: dict) -> None:
         if not self.is_main:
@@ -313,9 +434,13 @@ class Trainer:
 
     def save(self) -> Path:
         c = self.config
+        health = self._health()
         path = save_checkpoint(self.checkpoint_dir, self.step, module=self.module, optimizer=self.optimizer,
-                               scheduler=self.scheduler, ema=self.ema, sampler_state=self.sampler_state, config=c,
-                               keep_last=c.checkpointing.keep_last)
+                               ema=self.ema, data_state=self.data_position, config=c,
+                               keep_last=c.checkpointing.keep_last, health=health)
+        if health["healthy"]:
+            self.reference = health
+        self.since_checkpoint = []
         return path
 
     # -- validation ----------------------------------------------------------------------------------------------------
@@ -338,6 +463,7 @@ class Trainer:
                 batch = collate([self._val_dataset[i] for i in indices])
                 with self.accelerator.autocast():
                     total += self.objective.evaluate(self.module, batch, indices, self.device).item() * len(indices)
+            reshard(self.module)
             return total / count
 
         metrics = {"loss": loss()}
@@ -358,21 +484,17 @@ class Trainer:
 
     def _sample_videos(self, step: int) -> None:
         """Videos of the validation prompts with the current (EMA) weights, through the generation pipeline."""
-        from ..pipeline.pipeline import GenerationDefaults, MotifVideoPipeline, load_component, read_model_index
+        from ..model_folder import CONDITIONING_PARTS, ModelFolder
+        from ..pipeline.pipeline import MotifVideoPipeline
         from ..pipeline.video_io import write_video
 
         v = self.config.validation
         if not hasattr(self, "_pipeline"):
             # Only the folder's text encoder, tokenizer and VAE: the transformer is the one being trained.
-            folder, index = read_model_index(v.pipeline, required=("vae", "text_encoder", "tokenizer"))
-            dtype = self.compute_dtype
-            vae = load_component(folder, index, "vae", torch_dtype=torch.float32 if self.device.type == "cpu"
-                                 else dtype).eval().to(self.device)
-            text_encoder = load_component(folder, index, "text_encoder", torch_dtype=dtype).eval().to(self.device)
-            tokenizer = load_component(folder, index, "tokenizer")
-            self._pipeline = MotifVideoPipeline(_ThroughRoot(self.module), vae, text_encoder, tokenizer,
-                                                defaults=GenerationDefaults.from_folder(folder))
-            self._pipeline.execution_device = self.device
+            folder = ModelFolder(v.pipeline, required=CONDITIONING_PARTS)
+            self._pipeline = MotifVideoPipeline(
+                self.module.transformer, folder.vae(self.device, self.compute_dtype).to(self.device),
+                folder.text_encoder(self.compute_dtype).to(self.device), folder.tokenizer(), defaults=folder.defaults)
         pipe = self._pipeline
         folder = self.output_dir / "samples" / f"step-{step:08d}"
         for i, prompt in enumerate(v.prompts):
@@ -385,25 +507,7 @@ class Trainer:
                 folder.mkdir(parents=True, exist_ok=True)
                 write_video((frames * 255).round().astype(np.uint8), folder / f"{i:02d}.mp4",
                             fps=pipe.defaults.fps)
-
-
-class _ThroughRoot:
-    """The generation pipeline's transformer during validation. Calls enter through the training module: under
-    FSDP2 that is the root whose hooks gather the embedders' and output head's weights, which calling the inner
-    transformer directly would skip."""
-
-    def __init__(self, module: TrainModule):
-        self.module = module
-        self.config = module.transformer.config
-
-    def parameters(self):
-        return self.module.parameters()
-
-    def to(self, *args, **kwargs):  # already placed (and maybe sharded) by the trainer
-        return self
-
-    def __call__(self, *args, **kwargs):
-        return self.module(*args, **kwargs)[0]
+        reshard(self.module)
 
 
 def train(config: TrainConfig, *, resume: bool = False, callbacks=None) -> TrainResult:

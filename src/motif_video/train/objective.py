@@ -19,8 +19,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..errors import ConfigError
+from ..latents import model_input, token_grid
 from ..routing import RouteConfig, TokenRoute, sample_route
-from .cached import pad_text
+from ..pipeline.text import pad_text, text_length
 from .config import AlignmentSection, ObjectiveSection
 
 
@@ -51,15 +52,13 @@ class TrainModule(nn.Module):
 
     def forward(self, hidden_states, timestep, text, text_mask=None, image_embeds=None, *,
                 route: TokenRoute | None = None, teacher: torch.Tensor | None = None, teacher_grid=None,
-                student_grid=None, **model_kwargs):
-        """(velocity (B, 16, T, H, W), REPA loss or None). The REPA term is computed only when `teacher` is given;
-        `model_kwargs` go to the transformer as they are (inference options, when validation samples videos)."""
+                student_grid=None):
+        """(velocity (B, 16, T, H, W), REPA loss or None). The REPA term is computed only when `teacher` is given."""
         if teacher is None or self.aligner is None:
-            velocity = self.transformer(hidden_states, timestep, text, text_mask, image_embeds, route=route,
-                                        **model_kwargs)
+            velocity = self.transformer(hidden_states, timestep, text, text_mask, image_embeds, route=route)
             return velocity, None
         velocity, tokens = self.transformer(hidden_states, timestep, text, text_mask, image_embeds, route=route,
-                                            capture_block=self.align_block, **model_kwargs)
+                                            capture_block=self.align_block)
         # Inside a route the captured block saw only the kept tokens (in kept order): align those.
         routed = route is not None and route.start_layer <= self.align_block < route.end_layer
         repa = self.aligner.loss(tokens, teacher, student_grid, teacher_grid, kept=route.kept if routed else None)
@@ -100,21 +99,23 @@ class FlowMatchingObjective:
         return shift_timesteps(torch.sigmoid(u), self.config.shift)
 
     def grid(self, latents: torch.Tensor) -> tuple[int, int, int]:
-        pt, ph, pw = self.patch_size
-        _, _, t, h, w = latents.shape
-        return t // pt, h // ph, w // pw
+        return token_grid(tuple(latents.shape[2:]), self.patch_size)
 
     def repa_active(self, step: int) -> bool:
         a = self.alignment
         return a is not None and a.weight > 0 and (a.stop_step is None or step < a.stop_step)
 
-    def model_inputs(self, x0: torch.Tensor, eps: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Noisy input (B, 33, T, H, W) = [x_t | zero condition latent | zero mask] (text-to-video) and 1000 t."""
+    def model_inputs(self, x0: torch.Tensor, eps: torch.Tensor, t: torch.Tensor, *,
+                     image_to_video: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """The transformer's input (B, 33, T, H, W) at noise level t, and its timestep 1000 t.
+
+        Text-to-video: [x_t | zeros | zeros]. Image-to-video: the clip's clean first latent frame conditions it
+        (`latents.model_input`, exactly as generation builds it from the given image): the causal VAE encodes frame
+        0 on its own, so that latent frame is what encoding the first image alone gives.
+        """
         tb = t.view(-1, 1, 1, 1, 1)
         x_t = (1 - tb) * x0 + tb * eps
-        condition = torch.zeros_like(x0)
-        mask = torch.zeros_like(x0[:, :1])
-        return torch.cat([x_t, condition, mask], dim=1), 1000.0 * t
+        return model_input(x_t, x0[:, :, :1] if image_to_video else None), 1000.0 * t
 
     def _texts(self, batch: dict, drop: list[bool], device) -> tuple[torch.Tensor, torch.Tensor]:
         texts, masks = [], []
@@ -124,7 +125,7 @@ class FlowMatchingObjective:
                 masks.append(self.empty_mask)
             else:
                 keep = batch["text_mask"][i]
-                length = int(keep.nonzero().max()) + 1 if keep.any() else keep.shape[0]
+                length = text_length(keep)
                 texts.append(batch["text"][i, :length])
                 masks.append(keep[:length])
         text, mask = pad_text(texts, masks)

@@ -2,7 +2,13 @@
 
 - Activation checkpointing: torch's composable `checkpoint` on each block. Unlike `checkpoint_wrapper` it adds no
   `_checkpoint_wrapped_module` level, so parameter names (checkpoints, LoRA adapters, EMA) stay diffusers' names.
-- FSDP2: `fully_shard` on every block, then on the root module (embedders, output head, REPA projector). Parameters
+- Regional compilation: each block compiled in place (`nn.Module.compile`: the module keeps its class and its
+  parameter names, so checkpoints and EMA do not see it). Blocks of one kind share one graph, so warm-up is one
+  compile per block kind; FSDP2's hooks stay outside the graphs (dynamo skips them), so the all-gathers and
+  reduce-scatters are the same with and without it.
+- FSDP2: `fully_shard` on every block, then on the transformer (embedders, output head), then on the root module
+  (REPA projector). The transformer being a unit of its own lets validation sampling call it directly, through the
+  generation pipeline, and still have its weights gathered. Parameters
   stay fp32 (the optimizer's master copy); with bf16 compute each block's weights are all-gathered in bf16 and
   gradients reduce-scattered in fp32 (the paper: bf16 compute, fp32 reductions and optimizer state).
   Forward inputs are not cast: the timestep (0..1000) and the RoPE tables lose too much in bf16; autocast casts
@@ -38,12 +44,30 @@ def full_tensor(t: torch.Tensor) -> torch.Tensor:
     return t.full_tensor() if isinstance(t, DTensor) else t
 
 
-def mean_across_ranks(value: torch.Tensor) -> torch.Tensor:
+def sum_across_ranks(value: torch.Tensor) -> torch.Tensor:
     value = full_tensor(value.detach()).float().clone()
     if is_distributed():
         dist.all_reduce(value, op=dist.ReduceOp.SUM)
-        value /= dist.get_world_size()
     return value
+
+
+def weight_norm(params: list[torch.Tensor]) -> float:
+    """L2 norm of all (possibly sharded) parameters together; a collective under FSDP2."""
+    from torch.distributed.tensor import DTensor
+
+    local = torch.zeros((), dtype=torch.float64)
+    for p in params:
+        shard = p.to_local() if isinstance(p, DTensor) else p
+        local += shard.detach().double().pow(2).sum().cpu()
+    if is_distributed():
+        dist.all_reduce(local, op=dist.ReduceOp.SUM)
+    return float(local.sqrt())
+
+
+def apply_compile(transformer: nn.Module, backend: str = "inductor") -> None:
+    """torch.compile every block in place; shapes are static per bucket, so each bucket compiles once."""
+    for block in transformer.blocks:
+        block.compile(backend=backend, dynamic=False)
 
 
 def apply_activation_checkpointing(transformer: nn.Module) -> None:
@@ -54,7 +78,7 @@ def apply_activation_checkpointing(transformer: nn.Module) -> None:
         checkpoint(block)
 
 
-def apply_fsdp(module: nn.Module, blocks: list[nn.Module], device_type: str, compute_dtype: torch.dtype,
+def apply_fsdp(module: nn.Module, transformer: nn.Module, device_type: str, compute_dtype: torch.dtype,
                reshard_after_forward: bool = True) -> nn.Module:
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
@@ -70,20 +94,35 @@ def apply_fsdp(module: nn.Module, blocks: list[nn.Module], device_type: str, com
     kwargs = {"mesh": mesh, "reshard_after_forward": reshard_after_forward}
     if mp is not None:
         kwargs["mp_policy"] = mp
-    for block in blocks:
+    for block in transformer.blocks:
         fully_shard(block, **kwargs)
-    # The root's parameters are used again right after forward's end (output head) and in backward's start:
-    # keeping them gathered saves one all-gather per step.
+    # The embedders' and output head's parameters are used again right after forward's end (output head) and in
+    # backward's start: keeping them gathered saves one all-gather per step.
+    fully_shard(transformer, **{**kwargs, "reshard_after_forward": False})
     fully_shard(module, **{**kwargs, "reshard_after_forward": False})
     return module
 
 
+def reshard(module: nn.Module) -> None:
+    """Free the weights FSDP2 keeps gathered after a forward that no backward follows (validation): units built
+    with reshard_after_forward=False otherwise hold plain gathered tensors where EMA and the optimizer expect their
+    sharded parameters. A no-op without FSDP."""
+    from torch.distributed.fsdp import FSDPModule
+
+    for m in module.modules():
+        if isinstance(m, FSDPModule):
+            m.reshard()
+
+
 def parallelize(module: nn.Module, transformer: nn.Module, *, device: torch.device, compute_dtype: torch.dtype,
-                grad_checkpointing: bool, reshard_after_forward: bool = True) -> nn.Module:
+                grad_checkpointing: bool, reshard_after_forward: bool = True, compile_backend: str | None = None
+                ) -> nn.Module:
     """`module` (the TrainModule holding `transformer`) made ready for training on this process's device."""
     module.to(device)
     if grad_checkpointing:
         apply_activation_checkpointing(transformer)
+    if compile_backend is not None:
+        apply_compile(transformer, compile_backend)
     if is_distributed():
-        apply_fsdp(module, list(transformer.blocks), device.type, compute_dtype, reshard_after_forward)
+        apply_fsdp(module, transformer, device.type, compute_dtype, reshard_after_forward)
     return module

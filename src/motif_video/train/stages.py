@@ -21,13 +21,7 @@ from ..model.config import TransformerConfig
 from ..model.transformer import MotifVideoTransformer
 from .checkpoint import resolve_checkpoint
 from .config import TrainConfig
-
-
-def switch_text_encoder(model: MotifVideoTransformer, text_embed_dim: int) -> MotifVideoTransformer:
-    """A fresh text projection for a text encoder of width `text_embed_dim` (old projection dropped)."""
-    if model.config.text_embed_dim == text_embed_dim:
-        raise ConfigError(f"switch_text_encoder: the model already takes text_embed_dim={text_embed_dim}")
-    return model.replace_text_projection(text_embed_dim)
+from .surgery import init_matched_decoder, insert_shared_cross_attention, replace_text_projection
 
 
 def _comparable(config: TransformerConfig) -> dict:
@@ -55,12 +49,12 @@ def apply_transitions(model: MotifVideoTransformer, transitions: list[str], targ
     """The listed architecture changes, in order; the result must match `target` exactly."""
     for op in transitions:
         if op == "switch_text_encoder":
-            switch_text_encoder(model, target.text_embed_dim)
+            replace_text_projection(model, target.text_embed_dim)
         elif op == "insert_shared_cross_attention":
             if not target.enable_text_cross_attention_single:
                 raise ConfigError("insert_shared_cross_attention: set model.overrides."
                                   "enable_text_cross_attention_single: true for this stage")
-            model.insert_shared_cross_attention(target.cross_attention_form)
+            insert_shared_cross_attention(model, target.cross_attention_form)
         else:
             raise ConfigError(f"unknown stage transition {op!r}")
     check_architecture(model, target, where)
@@ -96,5 +90,5 @@ def build_transformer(config: TrainConfig) -> MotifVideoTransformer:
         return model
     model = MotifVideoTransformer(section.architecture())
     if section.decoder_init == "matched":
-        model.init_matched_decoder(tuple(section.matched_grid))
+        init_matched_decoder(model, tuple(section.matched_grid))
     return model
