@@ -69,4 +69,5 @@ def test_one_process_resumes_on_two(tmp_path, reference):
     run([str(one), "--override", f"optim.steps={STEPS}"], 2, tmp_path)
     log = read_log(one)
     assert sorted(log) == list(range(1, STEPS + 1))
-    assert_same(full, {s: r["loss"] for s, r in log.items()}, full.checkpoint, list_checkpoints(one / "checkpoints")[-1])
+    last = list_checkpoints(one / "checkpoints")[-1]
+    assert_same(full, {s: r["loss"] for s, r in log.items()}, full.checkpoint, last)
