@@ -21,6 +21,7 @@ COMMANDS = [
     "eval",
     "estimate",
     "calibrate_reuse",
+    "serve",
 ]
 
 
