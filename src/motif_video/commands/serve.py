@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
+import signal
 import socket
+import threading
 from pathlib import Path
 
 from .generate import DEFAULT_MODEL_DIR, DTYPES
@@ -48,6 +51,9 @@ def register(subparsers) -> None:
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
     p.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="compute dtype (default: fp32 on CPU, bf16 on CUDA)")
     p.add_argument("--offload", action="store_true", help="keep only the active component on the GPU")
+    p.add_argument("--preview", action=argparse.BooleanOptionalAction, default=True,
+                   help="decode the predicted first frame after every step for the live preview (costs one "
+                        "one-frame VAE decode per step; see docs/serve.md)")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     p.set_defaults(func=run)
 
@@ -120,7 +126,7 @@ def settings_from_args(args):
         job_timeout_s=args.job_timeout, keep_outputs=args.keep_outputs,
         keep_age_s=args.keep_hours * 3600 if args.keep_hours else None, lora_dir=lora_dir,
         max_upload_bytes=int(args.max_upload_mb * 2**20), memory_fraction=args.memory_fraction,
-        shutdown_grace_s=args.shutdown_grace)
+        shutdown_grace_s=args.shutdown_grace, preview=args.preview)
 
 
 def run(args) -> int:
@@ -147,8 +153,32 @@ def run(args) -> int:
     name = Path(str(model).rstrip("/")).name
     app = create_app(pipe, settings, name)
     print(f"serving {name} on http://{args.host}:{args.port} (data in {settings.data_dir})", flush=True)
+    server = _server_class()(uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
+                                    timeout_graceful_shutdown=5))
     try:
-        uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, timeout_graceful_shutdown=5)
+        server.run()
     finally:
         lock.close()
-    return 0
+    return 0 if server.started else 1
+
+
+def _server_class():
+    import uvicorn
+
+    class Server(uvicorn.Server):
+        """uvicorn's server, except that a SIGTERM/SIGINT that ends in a clean shutdown exits with status 0 (uvicorn
+        re-raises the signal after shutting down, which reports the clean stop as death by signal)."""
+
+        @contextlib.contextmanager
+        def capture_signals(self):
+            if threading.current_thread() is not threading.main_thread():
+                yield
+                return
+            previous = {s: signal.signal(s, self.handle_exit) for s in (signal.SIGINT, signal.SIGTERM)}
+            try:
+                yield
+            finally:
+                for s, handler in previous.items():
+                    signal.signal(s, handler)
+
+    return Server

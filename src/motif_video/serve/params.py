@@ -38,6 +38,7 @@ class ServeSettings:
     max_upload_bytes: int = 10 * 2**20
     memory_fraction: float = 0.9  # share of the free memory (after loading) a job may plan to use
     shutdown_grace_s: float = 10.0  # on SIGTERM, how long the running job may take to finish before re-queueing
+    preview: bool = True  # decode a preview frame after every step
 
 
 class ApiError(Exception):

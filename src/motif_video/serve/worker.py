@@ -158,7 +158,7 @@ class Worker:
                 height=p["height"], width=p["width"], num_frames=p["num_frames"],
                 num_inference_steps=p["num_inference_steps"], guidance_scale=p["guidance_scale"],
                 generator=[torch.Generator().manual_seed(j.params["seed"]) for j in jobs], output_type="np",
-                progress=False, callback=on_step, preview=True, interrupt=call.interrupt)
+                progress=False, callback=on_step, preview=self.settings.preview, interrupt=call.interrupt)
         except GenerationInterrupted:
             self._after_interrupt(jobs, call)
             return
