@@ -283,3 +283,74 @@ def test_api_key_protects_api_downloads_and_ui(tiny_pipe, tmp_path):
             assert login.status_code == 303 and "s3cret" not in login.headers["set-cookie"]
             assert "app.js" in browser.get("/").text  # the cookie now opens the UI and the downloads
             assert browser.get(f"/v1/videos/{video['id']}/content").status_code == 200
+
+
+def test_a_job_past_its_time_limit_fails_and_the_worker_goes_on(tiny_pipe, tmp_path):
+    with thread_server(tiny_pipe, tmp_path / "data", job_timeout_s=5.0, max_steps=5000) as (url, _):
+        with httpx.Client(base_url=url, timeout=30) as c:
+            slow = submit(c, prompt="too slow", num_inference_steps=5000)
+            quick = submit(c, prompt="quick")
+            failed = poll_until_done(c, slow["id"], 60)
+            assert failed["status"] == "failed" and failed["error"]["code"] == "timeout"
+            assert "time limit" in failed["error"]["message"]
+            assert poll_until_done(c, quick["id"], 60)["status"] == "completed"
+            assert c.get(f"/v1/videos/{slow['id']}/content").status_code == 409
+
+
+def test_finished_outputs_beyond_the_kept_count_are_deleted(tiny_pipe, tmp_path):
+    with thread_server(tiny_pipe, tmp_path / "data", keep_outputs=2) as (url, app):
+        with httpx.Client(base_url=url, timeout=30) as c:
+            ids = []
+            for i in range(3):
+                ids.append(submit(c, prompt=f"a cat {i}")["id"])
+                poll_until_done(c, ids[-1])
+            wait_for(lambda: c.get(f"/v1/videos/{ids[0]}").status_code == 404, 10, what="the oldest job to go")
+            assert [v["id"] for v in c.get("/v1/videos").json()["data"]] == ids[:0:-1]
+            assert not app.state.server.files.video(ids[0]).exists()
+            assert app.state.server.files.video(ids[2]).exists()
+
+
+def test_compatible_jobs_batch_into_one_call_each_with_its_own_seed(tiny_pipe, tmp_path):
+    """Batched jobs: one pipeline call, one generator per job. Float results differ from a lone run only by batch
+    rounding (~1e-6), which can flip a pixel by one level before H.264; the video stays the job's own."""
+    prompts = [("a red circle", 1), ("a blue square moving up", 2), ("a green triangle", 3)]
+    with thread_server(tiny_pipe, tmp_path / "data", max_batch=4, max_steps=5000) as (url, app):
+        with httpx.Client(base_url=url, timeout=30) as c:
+            blocker = submit(c, prompt="blocks the worker", num_inference_steps=5000)
+            wait_for(lambda: c.get(f"/v1/videos/{blocker['id']}").json()["status"] == "in_progress", 30,
+                     what="the blocker to start")
+            different = submit(c, prompt="other steps", num_inference_steps=3)
+            ids = [submit(c, prompt=p, seed=s)["id"] for p, s in prompts]
+            c.delete(f"/v1/videos/{blocker['id']}")
+            for job_id in [different["id"], *ids]:
+                assert poll_until_done(c, job_id, 60)["status"] == "completed"
+            metrics = c.get("/metrics").text
+            served = [c.get(f"/v1/videos/{i}/content").content for i in ids]
+    lines = dict(line.split() for line in metrics.splitlines() if line.startswith("motif_video_batch_size_"))
+    # the three compatible jobs ran as one call of 3, the one with other steps alone
+    assert float(lines["motif_video_batch_size_count"]) == 2 and float(lines["motif_video_batch_size_sum"]) == 4
+    alone = []
+    for prompt, seed in prompts:
+        path = tmp_path / f"alone-{seed}.mp4"
+        generate_to_file(tiny_pipe, path, prompt=prompt, height=32, width=32, num_frames=9, num_inference_steps=2,
+                         guidance_scale=4.0, generator=torch.Generator().manual_seed(seed), progress=False)
+        alone.append(read_video(path).astype(int))
+    for i, data in enumerate(served):
+        path = tmp_path / "served.mp4"
+        path.write_bytes(data)
+        frames = read_video(path).astype(int)
+        distances = [np.abs(frames - reference).mean() for reference in alone]
+        assert distances[i] < 0.05, distances  # its own video (up to batch rounding) ...
+        assert all(d > 1.0 for j, d in enumerate(distances) if j != i), distances  # ... and no other job's
+
+
+def test_batch_keys_group_only_jobs_that_agree_on_everything_but_prompt_and_seed():
+    from motif_video.serve.params import batch_key
+
+    base = {"width": 32, "height": 32, "num_frames": 9, "num_inference_steps": 2, "guidance_scale": 4.0,
+            "negative_prompt": None, "loras": [], "has_image": False, "prompt": "a", "seed": 1}
+    assert batch_key(base) == batch_key({**base, "prompt": "b", "seed": 2})
+    for change in ({"width": 48}, {"num_frames": 13}, {"num_inference_steps": 3}, {"guidance_scale": 2.0},
+                   {"negative_prompt": "blurry"}, {"loras": [["style", 1.0]]}):
+        assert batch_key({**base, **change}) != batch_key(base), change
+    assert batch_key({**base, "has_image": True}) is None

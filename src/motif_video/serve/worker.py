@@ -54,6 +54,7 @@ class Worker:
         self.loras = LoraState(pipe)
         self._wake = threading.Event()
         self._stopping = threading.Event()
+        self._abort = threading.Event()  # set when the shutdown grace is over: stop the running call
         self._lock = threading.Lock()
         self._call: _Call | None = None
         self._idle = threading.Event()
@@ -88,6 +89,7 @@ class Worker:
         self._stopping.set()
         self._wake.set()
         if not self._idle.wait(grace_s):
+            self._abort.set()
             with self._lock:
                 if self._call is not None:
                     self._call.interrupt.set()
@@ -148,7 +150,7 @@ class Worker:
             if time.monotonic() - started > self.settings.job_timeout_s:
                 call.timed_out = True
                 return True
-            return False
+            return self._abort.is_set()  # a call that started just as the grace ran out
 
         try:
             self.loras.apply(p["loras"], lora_files(self.settings.lora_dir))
