@@ -37,7 +37,7 @@ def main() -> int:
                         time.sleep(0.5)
             options = webdriver.ChromeOptions()
             options.binary_location = shutil.which("chromium")
-            for flag in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=1280,1060",
+            for flag in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=1280,1240",
                          "--hide-scrollbars"):
                 options.add_argument(flag)
             driver = webdriver.Chrome(service=Service(shutil.which("chromedriver")), options=options)

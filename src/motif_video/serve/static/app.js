@@ -50,8 +50,8 @@ async function loadModel() {
     option($("size"), `${w}x${h}`, `${w} × ${h}${`${w}x${h}` === d.size ? " (default)" : ""}`, `${w}x${h}` === d.size);
   }
   for (const n of framePresets(model)) {
-    const label = n === 1 ? "1 frame (image)" : `${n} frames · ${(n / model.defaults.fps).toFixed(1)} s`;
-    option($("frames"), n, label + (n === d.num_frames ? " (default)" : ""), n === d.num_frames);
+    const label = n === 1 ? "1 frame (image)" : `${n} frames, ${(n / model.defaults.fps).toFixed(1)} s`;
+    option($("frames"), n, label, n === d.num_frames);
   }
   $("steps").value = d.num_inference_steps;
   $("guidance").value = d.guidance_scale;
