@@ -113,10 +113,6 @@ def settings_from_args(args):
         if not lora_dir.is_dir():
             raise MotifVideoError(f"--lora-dir {args.lora_dir} is not a folder")
     data_dir = Path(args.data_dir).resolve()
-    try:
-        data_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise MotifVideoError(f"cannot create --data-dir {args.data_dir}: {e.strerror}") from None
     api_key = args.api_key if args.api_key is not None else os.environ.get(API_KEY_ENV) or None
     if api_key is not None and not api_key.strip():
         raise MotifVideoError("--api-key is empty")
@@ -135,6 +131,10 @@ def run(args) -> int:
     # Cheap checks first, so bad input fails before the model loads.
     settings = settings_from_args(args)
     _check_port(args.host, args.port)
+    try:
+        settings.data_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise MotifVideoError(f"cannot create --data-dir {args.data_dir}: {e.strerror}") from None
     lock = _lock_data_dir(settings.data_dir)
     model = args.model
     if model is None:
