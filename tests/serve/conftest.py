@@ -92,7 +92,7 @@ class ServerProcess:
              "--data-dir", str(data_dir), "--log-level", "warning", *extra],
             stdout=self.log, stderr=subprocess.STDOUT, env=env)
         try:
-            wait_for(self._healthy, 120, 0.2, "the server process to answer /health")
+            wait_for(self._healthy, 300, 0.2, "the server process to answer /health")
         except BaseException:
             self.kill()
             raise

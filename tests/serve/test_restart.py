@@ -27,7 +27,7 @@ def test_kill_9_with_queued_jobs_then_restart_finishes_them(tiny_model, tiny_pip
             finished_bytes = c.get(f"/v1/videos/{done['id']}/content").content
             pending = [c.post("/v1/videos", json={**JOB, "prompt": f"a blue square {i}", "seed": 10 + i,
                                                   "num_inference_steps": 30}).json()["id"] for i in range(3)]
-            wait_for(lambda: c.get(f"/v1/videos/{pending[0]}").json()["progress"] > 0, 60, what="the first job")
+            wait_for(lambda: c.get(f"/v1/videos/{pending[0]}").json()["progress"] > 0, 120, what="the first job")
             statuses = [c.get(f"/v1/videos/{i}").json()["status"] for i in pending]
         first.process.kill()  # SIGKILL: no shutdown code runs
         first.process.wait(30)
@@ -39,7 +39,7 @@ def test_kill_9_with_queued_jobs_then_restart_finishes_them(tiny_model, tiny_pip
     try:
         with httpx.Client(base_url=second.url, timeout=30) as c:
             for job_id in pending:
-                assert poll_until_done(c, job_id, 120)["status"] == "completed"
+                assert poll_until_done(c, job_id, 300)["status"] == "completed"
             listed = [v["id"] for v in c.get("/v1/videos").json()["data"]]
             assert listed == [*pending[::-1], done["id"]]
             assert c.get(f"/v1/videos/{done['id']}/content").content == finished_bytes
