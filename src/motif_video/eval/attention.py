@@ -53,7 +53,8 @@ class FrameAttention:
 
     def shares(self, mass: torch.Tensor | None = None) -> dict[str, float]:
         """Scalars of a (T', bins) map (default: the head mean), each query weighted equally: per grid key kind
-        `<kind>_same_frame` / `<kind>_other_frames`, per other kind `<kind>`, plus `other_frames` (all grid kinds),
+        `<kind>_same_frame` / `<kind>_other_frames`, per other kind `<kind>`, plus `same_frame` / `other_frames`
+        (summed over the grid kinds),
         `frame_distance` (mass-weighted mean |key frame - query frame| over grid mass) and its value under
         attention spread evenly over the grid keys (`uniform_frame_distance`)."""
         mass = self.mean_over_heads() if mass is None else mass
@@ -62,7 +63,7 @@ class FrameAttention:
         per_query = (mass * weights[:, None]).sum(0)  # (bins,): the mass of an average query
         frames = torch.arange(self.frames)
         out: dict[str, float] = {}
-        grid_total, grid_distance, other = 0.0, 0.0, 0.0
+        grid_total, grid_distance, same_total, other = 0.0, 0.0, 0.0, 0.0
         for kind in dict.fromkeys(k for k, _ in self.bins):
             cols = [j for j, (k, _) in enumerate(self.bins) if k == kind]
             if self.bins[cols[0]][1] is None:
@@ -74,10 +75,11 @@ class FrameAttention:
             distance = (frames[:, None] - key_frames[None, :]).abs().double()
             out[f"{kind}_same_frame"] = float(((block * same).sum(1) * weights).sum())
             out[f"{kind}_other_frames"] = float(((block * (1 - same)).sum(1) * weights).sum())
+            same_total += out[f"{kind}_same_frame"]
             other += out[f"{kind}_other_frames"]
             grid_total += float((block.sum(1) * weights).sum())
             grid_distance += float(((block * distance).sum(1) * weights).sum())
-        out["other_frames"] = other
+        out["same_frame"], out["other_frames"] = same_total, other
         out["frame_distance"] = grid_distance / grid_total if grid_total > 0 else float("nan")
         t = self.frames
         out["uniform_frame_distance"] = sum(abs(a - b) for a in range(t) for b in range(t)) / (t * t)

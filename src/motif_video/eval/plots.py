@@ -16,7 +16,7 @@ def save_figure(fig: Figure, path: str | Path, dpi: int = 100) -> Path:
     """Write `fig` to `path` (format from the suffix) through a temporary file and a rename."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.partial")
-    fig.savefig(tmp, format=path.suffix.lstrip(".").lower() or "png", dpi=dpi, bbox_inches="tight")
+    fig.savefig(tmp, format=path.suffix.lstrip(".").lower() or "png", dpi=dpi)
     os.replace(tmp, path)
     return path
 
