@@ -27,6 +27,8 @@ from pathlib import Path
 
 import torch
 
+from motif_video.eval.plots import line_chart
+
 VARIANTS = {
     "three-part": [],
     "single-stream": ["model.overrides.num_layers=0", "model.overrides.num_single_layers=6",
@@ -128,37 +130,6 @@ def seconds_to_loss(result: dict, target: float) -> float | None:
             return round(step * result["seconds_per_step"], 1)
         previous = row
     return None
-
-
-def line_chart(series: dict[str, list[tuple[float, float]]], xlabel: str, ylabel: str, path: Path) -> None:
-    """A plain PNG line chart with PIL (no plotting dependency)."""
-    from PIL import Image, ImageDraw
-
-    width, height, left, bottom, top, right = 760, 420, 60, 40, 20, 210
-    xs = [x for pts in series.values() for x, _ in pts]
-    ys = [y for pts in series.values() for _, y in pts]
-    x0, x1, y0, y1 = 0.0, max(xs), min(ys) * 0.95, max(ys) * 1.02
-    im = Image.new("RGB", (width, height), "white")
-    d = ImageDraw.Draw(im)
-
-    def at(x, y):
-        return (left + (x - x0) / (x1 - x0) * (width - left - right),
-                height - bottom - (y - y0) / (y1 - y0) * (height - top - bottom))
-
-    d.rectangle([left, top, width - right, height - bottom], outline="black")
-    for k in range(5):
-        y = y0 + (y1 - y0) * k / 4
-        d.text((4, at(0, y)[1] - 6), f"{y:.3f}", fill="black")
-        x = x0 + (x1 - x0) * k / 4
-        d.text((at(x, y0)[0] - 10, height - bottom + 6), f"{x:.0f}", fill="black")
-    d.text((left, height - 14), xlabel, fill="black")
-    d.text((left, 4), ylabel, fill="black")
-    colours = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f"]
-    for k, (name, pts) in enumerate(series.items()):
-        colour = colours[k % len(colours)]
-        d.line([at(x, y) for x, y in pts], fill=colour, width=2)
-        d.text((width - right + 10, top + 16 * k), name, fill=colour)
-    im.save(path)
 
 
 def plot(results: list[dict], out: Path) -> None:

@@ -23,6 +23,7 @@ COMMANDS = [
     "estimate",
     "calibrate_reuse",
     "serve",
+    "analyze",
 ]
 
 

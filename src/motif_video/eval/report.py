@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import math
 import os
 from collections import Counter, defaultdict
 from pathlib import Path
@@ -15,6 +14,7 @@ from ..errors import MotifVideoError
 from ..records import JSONL_SUFFIXES, read_jsonl
 from ..pipeline.video_io import FOLDER_META, MEDIA_EXTENSIONS, read_video
 from .metrics import measure_clip, score_clip
+from .plots import bar_chart
 from .prompts import parse_prompt
 
 # Dimensions of the summary table: (key in the aggregate, label, True when higher is better).
@@ -216,46 +216,6 @@ def markdown_table(results: dict, title: str = "motif-video eval", max_rows: int
     if len(results["clips"]) > max_rows:
         lines.append(f"| ... {len(results['clips']) - max_rows} more in results.json | | | | | | | |")
     return "\n".join(lines) + "\n"
-
-
-def bar_chart(bars: list[tuple[str, float | None]], title: str, path, groups: list[tuple[str, int]] | None = None):
-    """A 0..1 bar chart drawn with Pillow (no plotting dependency). `groups` colours consecutive runs of bars."""
-    from PIL import Image, ImageDraw, ImageFont
-
-    font = ImageFont.load_default(size=14)
-    small = ImageFont.load_default(size=12)
-    labels = []
-    for label, _ in bars:  # vertical labels, ending at the axis like matplotlib's rotation=90
-        x0, y0, x1, y1 = small.getbbox(label)
-        txt = Image.new("RGBA", (x1 - x0 + 2, y1 - y0 + 2), (255, 255, 255, 0))
-        ImageDraw.Draw(txt).text((1 - x0, 1 - y0), label, fill="black", font=small)
-        labels.append(txt.rotate(90, expand=True))
-    bar_w, gap, left, top, plot_h = 40, 14, 56, 56, 260
-    width = max(left + len(bars) * (bar_w + gap) + gap + 10, 40 + int(font.getlength(title)))
-    base = top + plot_h
-    height = base + max(im.height for im in labels) + 24
-    im = Image.new("RGB", (width, height), "white")
-    d = ImageDraw.Draw(im)
-    d.text((left, 12), title, fill="black", font=font)
-    for tick in range(0, 11, 2):
-        y = base - plot_h * tick / 10
-        d.line([(left - 4, y), (width - 10, y)], fill=(225, 225, 225))
-        d.text((8, y - 7), f"{tick * 10}%", fill="black", font=small)
-    d.line([(left, top), (left, base), (width - 10, base)], fill="black")
-    palette = [(66, 120, 200), (230, 140, 50), (80, 170, 90), (200, 80, 80), (140, 100, 190), (90, 170, 180)]
-    group_of = []
-    for g, (_, n) in enumerate(groups or [("", len(bars))]):
-        group_of += [g] * n
-    for i, ((label, value), txt) in enumerate(zip(bars, labels)):
-        x0 = left + gap + i * (bar_w + gap)
-        if value is not None and math.isfinite(value):
-            y = base - plot_h * max(0.0, min(1.0, value))
-            d.rectangle([x0, y, x0 + bar_w, base], fill=palette[group_of[i] % len(palette)])
-            d.text((x0 + 2, y - 15), f"{100 * value:.1f}", fill="black", font=small)
-        else:
-            d.text((x0 + 8, base - 15), "n/a", fill="gray", font=small)
-        im.paste(txt, (x0 + bar_w // 2 - txt.width // 2, base + 6), txt)
-    im.save(path)
 
 
 def write_report(results: dict, out_dir, title: str = "motif-video eval") -> dict:
