@@ -16,6 +16,7 @@ COMMANDS = [
     "quantize",
     "train",
     "cache",
+    "distill_data",
     "nano_data",
     "nano_train",
     "eval",

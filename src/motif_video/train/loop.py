@@ -16,6 +16,7 @@ import math
 import random
 import time
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Callable
 
@@ -30,6 +31,7 @@ from .checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
 from .config import TrainConfig
 from .ema import EMA
 from .objective import FlowMatchingObjective, TrainModule
+from .distill import DistillationObjective, TrajectoryDataset
 from .parallel import full_tensor, mean_across_ranks, parallelize
 from .stages import build_transformer
 
@@ -83,7 +85,7 @@ class _PositionedBatches:
                 yield [(i, position) for i in batch]
 
 
-def _collate(items: list[dict]) -> dict:
+def _collate(items: list[dict], collate=collate) -> dict:
     batch = collate(items)
     batch["position"] = items[0]["position"]
     return batch
@@ -140,9 +142,12 @@ class Trainer:
 
         # 1. Data (first: its problems are the cheapest to report)
         align = c.alignment
-        self.dataset = CachedLatentDataset(c.data.cache_dirs, buckets=c.data.buckets,
-                                           text_encoder=c.data.text_encoder,
-                                           teacher=align.teacher if align is not None else None)
+        if c.objective.kind == "distill":  # few-step distillation: cached teacher trajectories (train/distill.py)
+            self.dataset = TrajectoryDataset(c.data.cache_dirs, buckets=c.data.buckets)
+        else:
+            self.dataset = CachedLatentDataset(c.data.cache_dirs, buckets=c.data.buckets,
+                                               text_encoder=c.data.text_encoder,
+                                               teacher=align.teacher if align is not None else None)
         # 2. Model: same seed on every rank, so random inits agree before sharding
         seed_everything(c.seed)
         transformer = build_transformer(c)
@@ -190,6 +195,10 @@ class Trainer:
                                                   transformer.config.patch_size),
             num_blocks=num_blocks, route=c.route_config(), alignment=align,
             empty_prompt=self.dataset.empty_prompt(), text_dim=self.dataset.text_dim)
+        if c.objective.kind == "distill":
+            self.objective = DistillationObjective(
+                seed=c.seed, sigmas=self.dataset.sigmas, encoder_refresh=c.objective.encoder_refresh,
+                num_blocks=num_blocks, route=c.route_config(), patch_size=self.objective.patch_size)
 
         # 5. Resume
         self.step = 0
@@ -207,7 +216,8 @@ class Trainer:
             if self.step == 0:
                 (self.output_dir / "log.jsonl").unlink(missing_ok=True)
         self.loader = DataLoader(_Positioned(self.dataset), batch_sampler=_PositionedBatches(self.sampler),
-                                 collate_fn=_collate, num_workers=c.data.num_workers,
+                                 collate_fn=partial(_collate, collate=getattr(self.dataset, "collate", collate)),
+                                 num_workers=c.data.num_workers,
                                  pin_memory=self.device.type == "cuda")
 
     def _per_rank_batch(self, global_batch):
@@ -325,7 +335,8 @@ class Trainer:
         Every rank runs the same forwards (FSDP needs all of them); only the main process writes."""
         v = self.config.validation
         if not hasattr(self, "_val_dataset"):
-            self._val_dataset = CachedLatentDataset(v.cache_dir) if v.cache_dir else self.dataset
+            held_out = TrajectoryDataset if self.config.objective.kind == "distill" else CachedLatentDataset
+            self._val_dataset = held_out(v.cache_dir) if v.cache_dir else self.dataset
         count = min(v.num_samples, len(self._val_dataset))
         groups: dict[str, list[int]] = {}
         for i in range(count):
@@ -335,7 +346,7 @@ class Trainer:
         def loss() -> float:
             total = 0.0
             for indices in groups.values():
-                batch = collate([self._val_dataset[i] for i in indices])
+                batch = getattr(self._val_dataset, "collate", collate)([self._val_dataset[i] for i in indices])
                 with self.accelerator.autocast():
                     total += self.objective.evaluate(self.module, batch, indices, self.device).item() * len(indices)
             return total / count

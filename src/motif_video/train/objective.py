@@ -51,9 +51,19 @@ class TrainModule(nn.Module):
 
     def forward(self, hidden_states, timestep, text, text_mask=None, image_embeds=None, *,
                 route: TokenRoute | None = None, teacher: torch.Tensor | None = None, teacher_grid=None,
-                student_grid=None, **model_kwargs):
+                student_grid=None, encoder_from: tuple[torch.Tensor, torch.Tensor] | None = None, **model_kwargs):
         """(velocity (B, 16, T, H, W), REPA loss or None). The REPA term is computed only when `teacher` is given;
-        `model_kwargs` go to the transformer as they are (inference options, when validation samples videos)."""
+        `model_kwargs` go to the transformer as they are (inference options, when validation samples videos).
+        `encoder_from` (hidden states, timestep): the encoder runs on these and the velocity reuses its output, as
+        sampling with encoder reuse does (few-step distillation). Both passes run inside this one call: under FSDP2
+        the root's parameters stay gathered until the backward through both has finished."""
+        if encoder_from is not None:
+            from ..model.transformer import EncoderCache
+
+            cache = EncoderCache()
+            self.transformer(*encoder_from, text, text_mask, image_embeds, encoder_cache=cache)  # fills cache.tokens
+            cache.refresh = False
+            model_kwargs["encoder_cache"] = cache
         if teacher is None or self.aligner is None:
             velocity = self.transformer(hidden_states, timestep, text, text_mask, image_embeds, route=route,
                                         **model_kwargs)
