@@ -19,6 +19,7 @@ COMMANDS = [
     "distill_data",
     "nano_data",
     "nano_train",
+    "nano_distill",
     "eval",
     "estimate",
     "calibrate_reuse",

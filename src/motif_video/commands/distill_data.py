@@ -85,9 +85,6 @@ def run(args) -> int:
         from ..nano.data import train_prompts
 
         prompts = train_prompts(args.nano_prompts, seed=args.seed)
-    import torch
-
-    torch.set_grad_enabled(False)
     pipe = MotifVideoPipeline.from_pretrained(args.teacher, device=args.device)
     sampling = {k: v for k, v in dict(num_inference_steps=args.steps, guidance_scale=args.guidance_scale,
                                       height=args.height, width=args.width, num_frames=args.frames,
