@@ -8,7 +8,9 @@ reproduces the run.
 
 from __future__ import annotations
 
+import dataclasses
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -192,3 +194,57 @@ def test_kill_and_resume_reproduces_the_run(teacher, tmp_path, routed):
     for which in ("model", "ema"):
         a, b = read_weights(full.checkpoint, which, lora=False), read_weights(resumed.checkpoint, which, lora=False)
         assert all(torch.allclose(a[k], b[k], atol=1e-6, rtol=0) for k in a)
+
+
+def test_the_distillation_configs_load():
+    root = Path(__file__).resolve().parents[2] / "configs"
+    nano = load_config(root / "nano" / "distill.yaml")
+    assert nano.objective.kind == "distill" and nano.objective.encoder_refresh == [0] and nano.routing is None
+    big = load_config(root / "motif-2b" / "distill.yaml")
+    assert big.objective.kind == "distill" and big.model.pretrained and big.routing is not None
+
+
+NANO = Path(__file__).resolve().parents[2] / "src" / "motif_video" / "assets" / "motif-video-nano"
+
+
+def test_the_nano_students_defaults_cost_8x_fewer_transformer_flops_than_the_teachers():
+    """Counted as the issue's bar counts them: a guided step's two rows twice, a reusing step only what it runs."""
+    from motif_video.flops import encoder_runs, forward_flops
+    from motif_video.model.config import TransformerConfig
+    from motif_video.nano.distill import student_defaults
+    from motif_video.pipeline.pipeline import GenerationDefaults
+
+    teacher = GenerationDefaults.from_folder(NANO)
+    student = GenerationDefaults(**student_defaults(dataclasses.asdict(teacher)))
+    assert (student.num_inference_steps, student.guidance_scale, student.encoder_refresh) == (4, 1.0, [0])
+    config = TransformerConfig.from_dict(json.loads((NANO / "transformer" / "config.json").read_text()))
+    cond, uncond = forward_flops(config, 80, 12), forward_flops(config, 80, 2)  # 17x64x64: 80 tokens
+
+    def cost(d: GenerationDefaults, rows) -> int:
+        runs = len(d.encoder_refresh) if d.encoder_refresh else encoder_runs(d.num_inference_steps, d.encoder_reuse)
+        return sum(d.num_inference_steps * f.reuse_step + runs * f.encoder_total for f in rows)
+
+    ratio = cost(teacher, [cond, uncond]) / cost(student, [cond])
+    assert ratio >= 8, ratio
+
+
+def test_built_in_model_names_and_the_students_pointers(tmp_path):
+    from motif_video.errors import CheckpointError
+    from motif_video.hub import resolve_model_dir
+    from motif_video.nano.distill import component_pointer
+    from motif_video.pipeline.pipeline import component_path
+
+    assert resolve_model_dir("motif-video-nano") == NANO
+    try:
+        assert (resolve_model_dir("motif-video-nano-fast") / "model_index.json").is_file()
+    except CheckpointError as e:  # a checkout without the shipped student
+        assert "not shipped" in str(e)
+    with pytest.raises(CheckpointError, match="built-in models"):
+        resolve_model_dir("motif-video-nano-slow")
+    # The student's vae/ points into this package at the teacher's codec, which loads from there.
+    pointer = component_pointer(NANO, "vae")
+    assert pointer == {"package": "motif_video", "path": "assets/motif-video-nano/vae"}
+    (tmp_path / "vae").mkdir()
+    (tmp_path / "vae" / "source.json").write_text(json.dumps(pointer))
+    assert component_path(tmp_path, "vae").resolve() == (NANO / "vae").resolve()
+    assert component_pointer(NANO, "tokenizer") == json.loads((NANO / "tokenizer" / "source.json").read_text())
