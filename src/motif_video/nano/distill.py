@@ -88,8 +88,11 @@ def run_distill_recipe(out_dir: str | Path, teacher_dir: str | Path, *, prompts:
     trajectories = out_dir / "trajectories"
     with _step(seconds, "trajectories"):
         if trajectories_from is not None:
+            from ..train.distill import read_trajectory_index
+
             trajectories = Path(trajectories_from)
             log["trajectories_from"] = os.path.relpath(trajectories.resolve(), out_dir.resolve())
+            log["prompts"] = len(read_trajectory_index(trajectories)["samples"])
         else:
             shutil.rmtree(trajectories, ignore_errors=True)
             pipe = MotifVideoPipeline.from_pretrained(teacher_dir, device="cpu")
