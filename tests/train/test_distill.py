@@ -248,3 +248,22 @@ def test_built_in_model_names_and_the_students_pointers(tmp_path):
     (tmp_path / "vae" / "source.json").write_text(json.dumps(pointer))
     assert component_path(tmp_path, "vae").resolve() == (NANO / "vae").resolve()
     assert component_pointer(NANO, "tokenizer") == json.loads((NANO / "tokenizer" / "source.json").read_text())
+
+
+def test_the_student_folder_loads_with_the_students_defaults(teacher, tmp_path):
+    """nano-distill's model folder: the student's EMA transformer, the teacher's other parts, 4 unguided steps."""
+    from motif_video.nano.distill import write_student_folder
+
+    folder, _ = teacher
+    cache = _cache(teacher, tmp_path / "traj")
+    result = train(load_config(data=_config(tmp_path, teacher, cache, optim={"lr": 1e-3, "steps": 2})))
+    write_student_folder(folder, tmp_path / "run", tmp_path / "model")
+    student = MotifVideoPipeline.from_pretrained(tmp_path / "model", device="cpu")
+    d = student.defaults
+    assert (d.num_inference_steps, d.guidance_scale, d.encoder_refresh, d.solver) == (4, 1.0, [0], "euler")
+    ema = read_weights(result.checkpoint, "ema", lora=False)
+    weights = student.transformer.state_dict()
+    assert all(torch.equal(weights[k.removeprefix("transformer.")], v.half().float()) for k, v in ema.items())
+    video = student("a red circle moving left", output_type="latent", generator=torch.Generator().manual_seed(0),
+                    progress=False, **SIZE)
+    assert video.shape == (1, 16, 2, 4, 4) and torch.isfinite(video).all()
