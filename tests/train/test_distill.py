@@ -208,7 +208,7 @@ NANO = Path(__file__).resolve().parents[2] / "src" / "motif_video" / "assets" / 
 
 
 def test_the_nano_students_defaults_cost_8x_fewer_transformer_flops_than_the_teachers():
-    """Counted as the issue's bar counts them: a guided step's two rows twice, a reusing step only what it runs."""
+    """Counted as the shipping bar counts them: a guided step's two rows twice, a reusing step only what it runs."""
     from motif_video.flops import encoder_runs, forward_flops
     from motif_video.model.config import TransformerConfig
     from motif_video.nano.distill import student_defaults
