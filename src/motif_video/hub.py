@@ -9,11 +9,23 @@ from pathlib import Path
 from .errors import CheckpointError
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*$")
+ASSETS = Path(__file__).resolve().parent / "assets"
+# Models shipped in the package, by name: the nano model (the default) and its distilled 4-step student.
+BUILTIN_MODELS = ("motif-video-nano", "motif-video-nano-fast")
+
+
+def builtin_model_dir(name: str) -> Path | None:
+    """The shipped folder of a built-in model name, or None when `name` is not one (or not in this install)."""
+    folder = ASSETS / name
+    return folder if name in BUILTIN_MODELS and (folder / "model_index.json").is_file() else None
 
 
 def resolve_model_dir(ref: str | os.PathLike, subfolder: str | None = None) -> Path:
-    """A local folder as is; a hub id from the local HF cache, else downloaded; else one clear error."""
+    """A local folder as is; a built-in model name; a hub id from the local HF cache, else downloaded; else one
+    clear error."""
     path = Path(ref).expanduser()
+    if not path.exists() and builtin_model_dir(str(ref)) is not None:
+        path = builtin_model_dir(str(ref))
     if path.exists():
         if not path.is_dir():
             raise CheckpointError(f"{path} is a file; expected a model folder")
@@ -23,7 +35,9 @@ def resolve_model_dir(ref: str | os.PathLike, subfolder: str | None = None) -> P
         return folder
     ref = str(ref)
     if not _HUB_ID.match(ref):
-        raise CheckpointError(f"model folder not found: {ref}")
+        if ref in BUILTIN_MODELS:
+            raise CheckpointError(f"the built-in model {ref} is not shipped in this installation")
+        raise CheckpointError(f"model folder not found: {ref} (built-in models: {', '.join(BUILTIN_MODELS)})")
     try:
         from huggingface_hub import snapshot_download
     except ImportError:  # pragma: no cover - huggingface_hub is a dependency of diffusers

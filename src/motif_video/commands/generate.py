@@ -8,7 +8,7 @@ from pathlib import Path
 
 from ..model.backends import ATTENTION_BACKENDS
 
-DEFAULT_MODEL_DIR = Path(__file__).resolve().parent.parent / "assets" / "motif-video-nano"
+DEFAULT_MODEL_DIR = Path(__file__).resolve().parent.parent / "assets" / "motif-video-nano"  # hub.BUILTIN_MODELS[0]
 DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 
 
@@ -27,7 +27,9 @@ def register(subparsers) -> None:
     )
     p.add_argument("prompt", help="what the video shows")
     p.add_argument("-o", "--output", required=True, help="output file: .mp4 (H.264), .gif, or a folder for PNG frames")
-    p.add_argument("--model", default=None, help="model folder or hub id (default: the shipped nano model)")
+    p.add_argument("--model", default=None,
+                   help="model folder, hub id, or a built-in name: motif-video-nano (the default) or "
+                        "motif-video-nano-fast (its 4-step distilled student)")
     p.add_argument("--gguf", default=None, help="GGUF transformer file to use instead of the folder's transformer")
     p.add_argument("--image", default=None, help="first frame (PNG/JPEG) for image-to-video")
     p.add_argument("--lora", action="append", default=None, metavar="PATH[:SCALE]",

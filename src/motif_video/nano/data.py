@@ -291,6 +291,12 @@ def heldout_prompts(n: int, seed: int = 0) -> list[dict]:
     return out
 
 
+def train_prompts(n: int, seed: int = 0) -> list[str]:
+    """`n` clip prompts in the training wording, balanced over clip combinations (what a distilled student learns on:
+    the teacher's own prompt distribution, never the held-out wording)."""
+    return [train_caption(balanced_attributes("clip", i, seed), _rng(seed, "prompt", i)) for i in range(n)]
+
+
 def _record(path: str, sample: Sample, fps: float) -> dict:
     t, s = sample.frames.shape[0], sample.frames.shape[1]
     return {

@@ -105,8 +105,15 @@ class ObjectiveSection:
     logit_std: float = 1.0
     shift: float = 1.0
     text_dropout: float = 0.1  # CFG: fraction of samples trained with the empty prompt
+    # distill: few-step distillation on cached teacher trajectories (train/distill.py; data.cache_dirs are
+    # `motif-video distill-data` folders, the fields above are unused); encoder_refresh: the student's sampling
+    # steps that run the encoder (the rest reuse it, as the pipeline's encoder_refresh), null: every step
+    kind: Literal["flow", "distill"] = "flow"
+    encoder_refresh: list[int] | None = None
 
     def validate(self, key: str) -> None:
+        if self.encoder_refresh is not None and self.kind != "distill":
+            raise ConfigError(f"{key}.encoder_refresh applies to kind: distill only")
         if self.logit_std <= 0:
             raise ConfigError(f"{key}.logit_std must be > 0, got {self.logit_std}")
         if self.shift <= 0:
@@ -313,6 +320,10 @@ class TrainConfig:
                 value.validate(f.name)
         if self.stage is not None and self.stage.init_from is not None and self.model.pretrained is not None:
             raise ConfigError("stage.init_from and model.pretrained both give starting weights: keep one")
+        if self.objective.kind == "distill" and self.alignment is not None:
+            raise ConfigError("alignment (REPA) needs cached teacher features; objective.kind: distill has none")
+        if self.objective.kind == "distill" and self.objective.encoder_refresh and self.routing is not None:
+            raise ConfigError("objective.encoder_refresh (encoder reuse) cannot be combined with routing")
         if self.lora is not None and self.stage is not None and self.stage.transitions:
             raise ConfigError("lora with stage.transitions: a LoRA run cannot change the base architecture")
         arch = self.model.architecture()

@@ -22,6 +22,7 @@ import statistics
 import time
 from collections import deque
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Callable
 
@@ -38,6 +39,7 @@ from .checkpoint import (broadcast_from_main, checkpoint_health, list_checkpoint
 from .config import TrainConfig
 from .ema import EMA
 from .objective import FlowMatchingObjective, TrainModule
+from .distill import DistillationObjective, TrajectoryDataset
 from .parallel import full_tensor, parallelize, reshard, sum_across_ranks, weight_norm
 from .stages import build_transformer
 from .steps import make_steps
@@ -104,7 +106,7 @@ class _MicroBatches:
                 yield [(i, tag) for i in mb.indices]
 
 
-def _collate(items: list[dict]) -> dict:
+def _collate(items: list[dict], collate=collate) -> dict:
     batch = collate(items)
     batch["tag"] = items[0]["tag"]
     return batch
@@ -205,9 +207,12 @@ class Trainer:
 
         # 1. Data (first: its problems are the cheapest to report)
         align = c.alignment
-        self.dataset = CachedLatentDataset(c.data.cache_dirs, buckets=c.data.buckets,
-                                           text_encoder=c.data.text_encoder,
-                                           teacher=align.teacher if align is not None else None)
+        if c.objective.kind == "distill":  # few-step distillation: cached teacher trajectories (train/distill.py)
+            self.dataset = TrajectoryDataset(c.data.cache_dirs, buckets=c.data.buckets)
+        else:
+            self.dataset = CachedLatentDataset(c.data.cache_dirs, buckets=c.data.buckets,
+                                               text_encoder=c.data.text_encoder,
+                                               teacher=align.teacher if align is not None else None)
         buckets = [Bucket.parse(k) for k in self.dataset.bucket_keys]
         bucket_set = BucketSet(buckets)
         self.steps = make_steps(c.data, [bucket_set.index(b) for b in buckets], bucket_set, seed=c.seed,
@@ -250,6 +255,10 @@ class Trainer:
         self.objective = FlowMatchingObjective(
             c.objective, seed=c.seed, patch_size=transformer.config.patch, num_blocks=num_blocks, route=c.route_config(), alignment=align,
             empty_prompt=self.dataset.empty_prompt(), text_dim=self.dataset.text_dim)
+        if c.objective.kind == "distill":
+            self.objective = DistillationObjective(
+                seed=c.seed, sigmas=self.dataset.sigmas, encoder_refresh=c.objective.encoder_refresh,
+                num_blocks=num_blocks, route=c.route_config(), patch_size=self.objective.patch_size)
 
         # 4. Resume: the newest usable checkpoint (damaged ones are passed over with a warning)
         self.step = 0
@@ -277,7 +286,8 @@ class Trainer:
             if self.step == 0:
                 (self.output_dir / "log.jsonl").unlink(missing_ok=True)
         self.loader = DataLoader(_Tagged(self.dataset), batch_sampler=_MicroBatches(self.steps),
-                                 collate_fn=_collate, num_workers=c.data.num_workers,
+                                 collate_fn=partial(_collate, collate=getattr(self.dataset, "collate", collate)),
+                                 num_workers=c.data.num_workers,
                                  pin_memory=self.device.type == "cuda")
 
     def _set_schedule(self, step: int) -> None:
@@ -450,7 +460,8 @@ class Trainer:
         Every rank runs the same forwards (FSDP needs all of them); only the main process writes."""
         v = self.config.validation
         if not hasattr(self, "_val_dataset"):
-            self._val_dataset = CachedLatentDataset(v.cache_dir) if v.cache_dir else self.dataset
+            held_out = TrajectoryDataset if self.config.objective.kind == "distill" else CachedLatentDataset
+            self._val_dataset = held_out(v.cache_dir) if v.cache_dir else self.dataset
         count = min(v.num_samples, len(self._val_dataset))
         groups: dict[str, list[int]] = {}
         for i in range(count):
@@ -460,7 +471,7 @@ class Trainer:
         def loss() -> float:
             total = 0.0
             for indices in groups.values():
-                batch = collate([self._val_dataset[i] for i in indices])
+                batch = getattr(self._val_dataset, "collate", collate)([self._val_dataset[i] for i in indices])
                 with self.accelerator.autocast():
                     total += self.objective.evaluate(self.module, batch, indices, self.device).item() * len(indices)
             reshard(self.module)

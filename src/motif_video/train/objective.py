@@ -52,13 +52,24 @@ class TrainModule(nn.Module):
 
     def forward(self, hidden_states, timestep, text, text_mask=None, image_embeds=None, *,
                 route: TokenRoute | None = None, teacher: torch.Tensor | None = None, teacher_grid=None,
-                student_grid=None):
-        """(velocity (B, 16, T, H, W), REPA loss or None). The REPA term is computed only when `teacher` is given."""
+                student_grid=None, encoder_from: tuple[torch.Tensor, torch.Tensor] | None = None):
+        """(velocity (B, 16, T, H, W), REPA loss or None). The REPA term is computed only when `teacher` is given.
+        `encoder_from` (hidden states, timestep): the encoder runs on these and the velocity reuses its output, as
+        sampling with encoder reuse does (few-step distillation). Both passes run inside this one call: under FSDP2
+        the root's parameters stay gathered until the backward through both has finished."""
+        reuse = {}
+        if encoder_from is not None:
+            from ..model.transformer import EncoderCache
+
+            cache = EncoderCache()
+            self.transformer(*encoder_from, text, text_mask, image_embeds, encoder_cache=cache)  # fills cache.tokens
+            cache.refresh = False
+            reuse = {"encoder_cache": cache}
         if teacher is None or self.aligner is None:
-            velocity = self.transformer(hidden_states, timestep, text, text_mask, image_embeds, route=route)
+            velocity = self.transformer(hidden_states, timestep, text, text_mask, image_embeds, route=route, **reuse)
             return velocity, None
         velocity, tokens = self.transformer(hidden_states, timestep, text, text_mask, image_embeds, route=route,
-                                            capture_block=self.align_block)
+                                            capture_block=self.align_block, **reuse)
         # Inside a route the captured block saw only the kept tokens (in kept order): align those.
         routed = route is not None and route.start_layer <= self.align_block < route.end_layer
         repa = self.aligner.loss(tokens, teacher, student_grid, teacher_grid, kept=route.kept if routed else None)

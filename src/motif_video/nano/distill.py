@@ -1,0 +1,121 @@
+"""The distilled nano student, end to end from a teacher model folder (by default the shipped nano model):
+
+    trajectories  the teacher samples N training-wording prompts once, guided, 20 exact Euler steps;
+                  its states at the student's 4-step schedule are cached          (`motif-video distill-data`)
+    distill       the student starts as the teacher and learns each segment's Euler velocity, sampling as it will
+                  be used: no guidance, the encoder on step 0 only                 (configs/nano/distill.yaml)
+    model         the released folder layout; vae/, text_encoder/ and tokenizer/ point at the teacher's
+                  (source.json), transformer/ is the student's EMA in fp16, motif_video.json its defaults
+    eval          the benchmark's held-out prompts, as `nano-train` evaluates the teacher
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+
+from .recipe import CONFIG_DIR, _step, evaluate, export_transformer
+
+PACKAGE_ROOT = Path(__file__).resolve().parents[1]  # .../motif_video
+STUDENT_STEPS = 4
+ENCODER_REFRESH = [0]
+
+
+def component_pointer(teacher_dir: Path, part: str) -> dict | None:
+    """A source.json pointer for the teacher's `part`: its own pointer, or one into this package when the teacher
+    ships inside it; None when the component has to be copied."""
+    from ..pipeline.pipeline import component_path
+
+    own = teacher_dir / part / "source.json"
+    if own.is_file():
+        return json.loads(own.read_text())
+    source = component_path(teacher_dir, part).resolve()
+    if source.is_relative_to(PACKAGE_ROOT):
+        return {"package": "motif_video", "path": source.relative_to(PACKAGE_ROOT).as_posix()}
+    return None
+
+
+def student_defaults(teacher_defaults: dict) -> dict:
+    """The teacher's generation defaults with the student's sampling: 4 Euler steps, no guidance, encoder on step 0."""
+    out = {k: v for k, v in teacher_defaults.items() if k not in ("encoder_refresh", "encoder_reuse")}
+    out.update(num_inference_steps=STUDENT_STEPS, guidance_scale=1.0, solver="euler",
+               encoder_refresh=list(ENCODER_REFRESH), encoder_reuse=STUDENT_STEPS)
+    return out
+
+
+def write_student_folder(teacher_dir: Path, run_dir: Path, model_dir: Path) -> None:
+    """The student's model folder: its transformer, the teacher's other components by pointer (or copy)."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    if model_dir.exists():
+        shutil.rmtree(model_dir)
+    model_dir.mkdir(parents=True)
+    for part in ("vae", "text_encoder", "tokenizer"):
+        pointer = component_pointer(teacher_dir, part)
+        if pointer is None:
+            shutil.copytree(teacher_dir / part, model_dir / part)
+        else:
+            (model_dir / part).mkdir()
+            (model_dir / part / "source.json").write_text(json.dumps(pointer, indent=2) + "\n")
+    shutil.copy(teacher_dir / "model_index.json", model_dir / "model_index.json")
+    settings = json.loads((teacher_dir / "motif_video.json").read_text()) \
+        if (teacher_dir / "motif_video.json").is_file() else {}
+    generation = student_defaults(settings.get("generation", settings))
+    FlowMatchEulerDiscreteScheduler(shift=generation.get("shift", 1.0)).save_pretrained(str(model_dir / "scheduler"))
+    (model_dir / "motif_video.json").write_text(json.dumps({"generation": generation}, indent=2) + "\n")
+    export_transformer(run_dir, model_dir)
+
+
+def run_distill_recipe(out_dir: str | Path, teacher_dir: str | Path, *, prompts: int = 1024, steps: int = 1500,
+                       seed: int = 0, eval_prompts: int = 105, trajectories_from: str | Path | None = None,
+                       batch: int = 64, progress: bool = True, train_overrides=()) -> dict:
+    """Distil `teacher_dir` into `out_dir`/model; timings, losses and the evaluation go to nano_distill.json."""
+    from ..nano.data import heldout_prompts, train_prompts
+    from ..pipeline.pipeline import MotifVideoPipeline
+    from ..train.config import load_config
+    from ..train.distill import write_trajectories
+    from ..train.loop import train
+
+    out_dir, teacher_dir = Path(out_dir), Path(teacher_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    log: dict = {"teacher": os.path.relpath(teacher_dir.resolve(), out_dir.resolve()), "prompts": prompts,
+                 "steps": steps, "seed": seed, "seconds": {}}
+    seconds = log["seconds"]
+    started = time.perf_counter()
+    trajectories = out_dir / "trajectories"
+    with _step(seconds, "trajectories"):
+        if trajectories_from is not None:
+            from ..train.distill import read_trajectory_index
+
+            trajectories = Path(trajectories_from)
+            log["trajectories_from"] = os.path.relpath(trajectories.resolve(), out_dir.resolve())
+            log["prompts"] = len(read_trajectory_index(trajectories)["samples"])
+        else:
+            shutil.rmtree(trajectories, ignore_errors=True)
+            pipe = MotifVideoPipeline.from_pretrained(teacher_dir, device="cpu")
+            write_trajectories(pipe, train_prompts(prompts, seed=seed), trajectories, teacher=log["teacher"],
+                               student_steps=STUDENT_STEPS, seed=seed, batch_size=batch, encoder_reuse=1)
+    run_dir = out_dir / "run"
+    with _step(seconds, "distill"):
+        shutil.rmtree(run_dir, ignore_errors=True)
+        config = load_config(CONFIG_DIR / "distill.yaml", [
+            f"output_dir={run_dir}", f"seed={seed}", f"optim.steps={steps}", f"data.cache_dirs=[{trajectories}]",
+            f"model.pretrained={teacher_dir / 'transformer'}", f"logging.progress={'true' if progress else 'false'}",
+            *train_overrides])
+        result = train(config)
+    log["loss"] = {"first": result.losses[min(result.losses)], "last": result.losses[max(result.losses)]}
+    model_dir = out_dir / "model"
+    write_student_folder(teacher_dir, run_dir, model_dir)
+    seconds["total_training"] = round(time.perf_counter() - started, 1)
+    if eval_prompts:
+        with _step(seconds, "eval"):
+            prompts_file = out_dir / "heldout_prompts.jsonl"
+            prompts_file.write_text("".join(json.dumps(p) + "\n" for p in heldout_prompts(eval_prompts, seed=0)))
+            log["eval"] = evaluate(model_dir, prompts_file, out_dir / "eval", eval_prompts, STUDENT_STEPS)
+    log["model_bytes"] = sum(p.stat().st_size for p in model_dir.rglob("*") if p.is_file())
+    (out_dir / "nano_distill.json").write_text(json.dumps(log, indent=2, default=str) + "\n")
+    return log
+

@@ -1,0 +1,368 @@
+"""Few-step distillation on cached teacher trajectories: a guided many-step teacher -> a guidance-free few-step student.
+
+The teacher (guidance and all) samples each prompt once, from a fixed noise, at its own step count N; the states it
+passes through at the student's K-step schedule are cached (`motif-video distill-data`). The student's step count
+divides the teacher's, so the student's sigmas are a subset of the teacher's (the same shifted linspace(1, 1/N)) and
+the cached states lie exactly on the teacher's ODE trajectory:
+
+    states x_0 .. x_K at sigmas s_0 = 1 > s_1 > ... > s_K = 0      (x_0 = the noise, x_K = the teacher's sample)
+    segment k:  input x_k at timestep 1000 s_k, text = the prompt's states (no dropout: guidance is baked in)
+    target      v*_k = (x_{k+1} - x_k) / (s_{k+1} - s_k)          the velocity one Euler step needs to land on x_{k+1}
+    loss        mean (student(x_k, s_k) - v*_k)^2
+
+So the student's K Euler steps reproduce the teacher's N guided steps (2N transformer rows with CFG): trajectory
+distillation (Luhman & Luhman 2021) on the segments of the student's schedule, with guidance distilled in (Meng et
+al. 2023); docs/distill.md says why this method. The teacher never runs during training: one forward per sample per
+step, like flow matching.
+
+With `encoder_refresh`, the student is trained as it will sample with DDT encoder reuse: on segment k the encoder
+runs on the state of the latest refresh step r <= k (x_r at s_r) and the decoder on x_k at s_k, reusing the encoder's
+tokens (`EncoderCache`, exactly what the pipeline does), so the gradient reaches the encoder through every step that
+reuses it.
+
+Randomness (which segment a sample trains on) comes from a generator seeded by (seed, step, the sample's position in
+the GLOBAL batch), as in `objective.FlowMatchingObjective`: two processes reproduce one, a resumed run an
+uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Callable, Iterable
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
+from ..errors import CheckpointError, ConfigError, MotifVideoError
+from ..routing import RouteConfig, TokenRoute, sample_route
+from .cached import collate, default_bucket
+from .objective import StepLoss, _generator, sample_seed
+
+FORMAT = "motif-video-teacher-trajectories"
+VERSION = 1
+INDEX_NAME = "index.json"
+
+
+# -- the cache -----------------------------------------------------------------------------------------------------
+def student_sigmas(teacher_sigmas: list[float], student_steps: int) -> list[float]:
+    """The teacher's sigmas (N steps + the final 0) at the student's K step boundaries: every (N/K)-th one."""
+    teacher_steps = len(teacher_sigmas) - 1
+    if student_steps < 1 or teacher_steps % student_steps:
+        raise MotifVideoError(f"the student's steps ({student_steps}) must divide the teacher's ({teacher_steps}), "
+                              "so its schedule lies on the teacher's")
+    stride = teacher_steps // student_steps
+    return [float(teacher_sigmas[i]) for i in range(0, teacher_steps + 1, stride)]
+
+
+def _write_json_atomic(path: Path, data: dict) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as f:
+        json.dump(data, f, indent=1)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+class TrajectoryWriter:
+    """Writes trajectory shards and, on `close()`, the index (atomically, last): a folder interrupted mid-write has
+    no index and reads as not a cache, never as a partial one."""
+
+    def __init__(self, folder: str | Path, *, teacher: str, sigmas: list[float], sampling: dict,
+                 shard_samples: int = 512):
+        self.folder = Path(folder)
+        if (self.folder / INDEX_NAME).exists():
+            raise ConfigError(f"{self.folder} already holds a trajectory cache; choose another folder")
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self.shard_samples = shard_samples
+        self.index = {"format": FORMAT, "version": VERSION, "teacher": teacher, "sigmas": [float(s) for s in sigmas],
+                      "sampling": sampling, "latent_channels": None, "text_dim": None, "shards": [], "samples": []}
+        self._pending: dict[str, torch.Tensor] = {}
+        self._records: list[dict] = []
+
+    def add(self, states: torch.Tensor, text: torch.Tensor, text_mask: torch.Tensor | None, caption: str) -> None:
+        """states (K+1, C, T', H', W') at the index's sigmas; text (L, D) with keep-mask (L,) (padding trimmed)."""
+        if states.dim() != 5 or states.shape[0] != len(self.index["sigmas"]):
+            raise ConfigError(f"trajectory states must be ({len(self.index['sigmas'])}, C, T, H, W), "
+                              f"got {tuple(states.shape)}")
+        mask = torch.ones(text.shape[0], dtype=torch.bool) if text_mask is None else text_mask.bool()
+        if mask.any():
+            last = int(mask.nonzero().max()) + 1
+            text, mask = text[:last], mask[:last]
+        for name, value in (("latent_channels", states.shape[1]), ("text_dim", text.shape[1])):
+            if self.index[name] is None:
+                self.index[name] = int(value)
+            elif self.index[name] != value:
+                raise ConfigError(f"trajectory cache: {name} is {self.index[name]}, a new sample has {value}")
+        key = f"s{len(self.index['samples']) + len(self._records):08d}"
+        self._records.append({"key": key, "caption": caption, "bucket": default_bucket(states.shape[1:]),
+                              "text_len": int(text.shape[0])})
+        for name, tensor in (("states", states.float()), ("text", text.float()), ("text_mask", mask.to(torch.uint8))):
+            self._pending[f"{key}.{name}"] = tensor.detach().cpu().contiguous()
+        if len(self._records) >= self.shard_samples:
+            self._flush()
+
+    def _flush(self) -> None:
+        if not self._records:
+            return
+        name = f"shard-{len(self.index['shards']):05d}.safetensors"
+        tmp = self.folder / (name + ".tmp")
+        save_file(self._pending, str(tmp))
+        os.replace(tmp, self.folder / name)
+        for record in self._records:
+            record["shard"] = name
+        self.index["shards"].append(name)
+        self.index["samples"].extend(self._records)
+        self._pending, self._records = {}, []
+
+    def close(self) -> Path:
+        self._flush()
+        if not self.index["samples"]:
+            raise ConfigError("no trajectories to write")
+        _write_json_atomic(self.folder / INDEX_NAME, self.index)
+        return self.folder
+
+
+def read_trajectory_index(folder: Path) -> dict:
+    path = folder / INDEX_NAME
+    if not path.is_file():
+        raise ConfigError(f"{folder} is not a trajectory cache: it has no {INDEX_NAME} "
+                          "(write one with `motif-video distill-data`)")
+    try:
+        index = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"corrupt trajectory index {path}: {e}") from None
+    if not isinstance(index, dict) or index.get("format") != FORMAT:
+        raise ConfigError(f"{folder} is not a teacher-trajectory cache (objective.kind: distill needs one written "
+                          "by `motif-video distill-data`)")
+    if index.get("version") != VERSION:
+        raise CheckpointError(f"{path} has trajectory format version {index.get('version')}; this reader needs "
+                              f"{VERSION}")
+    return index
+
+
+class TrajectoryDataset(torch.utils.data.Dataset):
+    """Samples of one or more trajectory caches (same sigmas), with the interface of `cached.CachedLatentDataset`:
+    item i -> `latents` (the teacher's sample), `trajectory` (K+1, C, T', H', W'), text, mask, caption, bucket."""
+
+    teacher_dim = None  # no REPA features
+
+    def __init__(self, folders: list[str | Path] | str | Path, *, buckets: list[str] | None = None):
+        folders = [folders] if isinstance(folders, (str, Path)) else list(folders)
+        if not folders:
+            raise ConfigError("no trajectory caches given")
+        self.records: list[tuple[Path, dict]] = []
+        self.sigmas: list[float] | None = None
+        self.text_dim = None
+        for folder in map(Path, folders):
+            index = read_trajectory_index(folder)
+            if self.sigmas is not None and index["sigmas"] != self.sigmas:
+                raise ConfigError(f"trajectory cache {folder} has sigmas {index['sigmas']}, others {self.sigmas}")
+            if self.text_dim is not None and index["text_dim"] != self.text_dim:
+                raise ConfigError(f"trajectory cache {folder} has text_dim={index['text_dim']}, others "
+                                  f"{self.text_dim}")
+            self.sigmas, self.text_dim = index["sigmas"], index["text_dim"]
+            self.records += [(folder, r) for r in index["samples"] if buckets is None or r["bucket"] in buckets]
+        if not self.records:
+            raise ConfigError(f"no trajectories in {', '.join(map(str, folders))}"
+                              + (f" for buckets {buckets}" if buckets else ""))
+        self._handles: dict[Path, object] = {}
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    @property
+    def bucket_keys(self) -> list[str]:
+        return [r["bucket"] for _, r in self.records]
+
+    def empty_prompt(self):
+        return None  # the student never sees the empty prompt: guidance is in the targets
+
+    def __getstate__(self):  # DataLoader workers reopen their own file handles
+        return {**self.__dict__, "_handles": {}}
+
+    def _open(self, path: Path):
+        handle = self._handles.get(path)
+        if handle is None:
+            if not path.is_file():
+                raise CheckpointError(f"missing trajectory shard {path} (named in its index.json)")
+            try:
+                handle = self._handles[path] = safe_open(str(path), framework="pt")
+            except (SafetensorError, OSError) as e:
+                raise CheckpointError(f"corrupt trajectory shard {path}: {str(e).splitlines()[0]}") from None
+        return handle
+
+    def __getitem__(self, i: int) -> dict:
+        folder, record = self.records[i]
+        shard = self._open(folder / record["shard"])
+        key = record["key"]
+        states = shard.get_tensor(f"{key}.states").float()
+        return {"latents": states[-1], "trajectory": states, "text": shard.get_tensor(f"{key}.text").float(),
+                "text_mask": shard.get_tensor(f"{key}.text_mask").bool(), "caption": record["caption"],
+                "bucket": record["bucket"], "index": i}
+
+    @staticmethod
+    def collate(items: list[dict]) -> dict:
+        batch = collate(items)
+        batch["trajectory"] = torch.stack([it["trajectory"] for it in items])  # (B, K+1, C, T', H', W')
+        return batch
+
+
+# -- building the cache: the teacher samples once --------------------------------------------------------------------
+def teacher_trajectories(pipe, prompts: list[str], *, student_steps: int, seeds: list[int],
+                         **sampling) -> tuple[torch.Tensor, list[float]]:
+    """Sample `prompts` with the teacher pipeline (its defaults unless `sampling` says otherwise; clip i from noise
+    seeded by seeds[i]) and return its states at the student's schedule, (B, K+1, C, T', H', W'), and their sigmas."""
+    from ..pipeline.pipeline import initial_noise
+    from ..pipeline.sampler import make_scheduler
+
+    d = pipe.defaults
+    steps = sampling.get("num_inference_steps") or d.num_inference_steps
+    solver = sampling.get("solver") or d.solver
+    if solver != "euler":
+        raise MotifVideoError("trajectory distillation follows the teacher's Euler ODE: use solver euler")
+    scheduler = make_scheduler(solver, sampling.get("shift") or d.shift, steps)
+    sigmas = student_sigmas(scheduler.sigmas.tolist(), student_steps)
+    stride = steps // student_steps
+    height, width = sampling.get("height") or d.height, sampling.get("width") or d.width
+    frames = sampling.get("num_frames") or d.num_frames
+    shape = (1, pipe.codec.latent_channels, *pipe.codec.latent_shape(frames, height, width))
+    noise = torch.cat([initial_noise(shape, torch.Generator().manual_seed(s)) for s in seeds])
+    states = [noise.clone()]
+
+    def record(info) -> None:
+        if (info.step + 1) % stride == 0:
+            states.append(info.latents.detach().float().cpu().clone())
+
+    pipe(prompts, latents=noise, output_type="latent", callback=record, progress=False, **sampling)
+    return torch.stack(states, dim=1), sigmas
+
+
+def write_trajectories(pipe, prompts: Iterable[str], folder: str | Path, *, teacher: str, student_steps: int,
+                       seed: int = 0, batch_size: int = 32, report: Callable[[int], None] | None = None,
+                       **sampling) -> Path:
+    """Teacher trajectories for every prompt into a new cache folder (prompt i's noise from seed (seed, i))."""
+    prompts = list(prompts)
+    if not prompts:
+        raise MotifVideoError("no prompts to distil on")
+    writer = None
+    for start in range(0, len(prompts), batch_size):
+        chunk = prompts[start:start + batch_size]
+        seeds = [sample_seed(seed, "teacher-noise", start + i) for i in range(len(chunk))]
+        states, sigmas = teacher_trajectories(pipe, chunk, student_steps=student_steps, seeds=seeds, **sampling)
+        text, mask = pipe.prompts.encode(chunk)
+        if writer is None:
+            d = pipe.defaults
+            described = {"num_inference_steps": sampling.get("num_inference_steps") or d.num_inference_steps,
+                         "guidance_scale": d.guidance_scale if sampling.get("guidance_scale") is None
+                         else sampling["guidance_scale"], "guider": sampling.get("guider") or d.guider,
+                         "shift": sampling.get("shift") or d.shift,
+                         **{k: v for k, v in sampling.items() if k not in ("num_inference_steps", "guidance_scale",
+                                                                            "guider", "shift")},
+                         "student_steps": student_steps, "seed": seed}
+            writer = TrajectoryWriter(folder, teacher=teacher, sigmas=sigmas, sampling=described)
+        for i, caption in enumerate(chunk):
+            writer.add(states[i], text[i].float().cpu(), None if mask is None else mask[i].cpu(), caption)
+        if report is not None:
+            report(start + len(chunk))
+    return writer.close()
+
+
+# -- the objective ---------------------------------------------------------------------------------------------------
+def refresh_step(segment: int, refresh: list[int] | None) -> int:
+    """The sampling step whose encoder output segment `segment` uses: itself, or the latest refresh step before it."""
+    if refresh is None:
+        return segment
+    return max(r for r in refresh if r <= segment)
+
+
+class DistillationObjective:
+    """Behind the same interface as `objective.FlowMatchingObjective`: `__call__` -> StepLoss, `evaluate`."""
+
+    def __init__(self, *, seed: int, sigmas: list[float], encoder_refresh: list[int] | None = None,
+                 num_blocks: int | None = None, route: RouteConfig | None = None,
+                 patch_size: tuple[int, int, int] = (1, 2, 2)):
+        if len(sigmas) < 2 or any(a <= b for a, b in zip(sigmas, sigmas[1:])) or sigmas[-1] != 0:
+            raise ConfigError(f"trajectory sigmas must fall strictly to 0, got {sigmas}")
+        self.seed = seed
+        self.sigmas = torch.tensor(sigmas, dtype=torch.float64)
+        self.steps = len(sigmas) - 1
+        if encoder_refresh is not None:
+            if not encoder_refresh or min(encoder_refresh) != 0 or max(encoder_refresh) >= self.steps:
+                raise ConfigError(f"objective.encoder_refresh must include 0 and lie in [0, {self.steps}) for the "
+                                  f"cache's {self.steps}-step schedule, got {encoder_refresh}")
+            if route is not None:
+                raise ConfigError("objective.encoder_refresh (encoder reuse) cannot be combined with routing")
+        self.encoder_refresh = None if encoder_refresh is None else sorted(set(encoder_refresh))
+        self.route, self.num_blocks, self.patch_size = route, num_blocks, patch_size
+        if route is not None:
+            route.resolve(num_blocks)
+
+    def segment(self, step: int, sample_id: int) -> int:
+        """The segment (student step) sample `sample_id` of the global batch trains on at optimizer step `step`."""
+        generator = _generator(sample_seed(self.seed, step, sample_id, "segment"), torch.device("cpu"))
+        return int(torch.randint(self.steps, (), generator=generator))
+
+    @staticmethod
+    def model_input(x: torch.Tensor) -> torch.Tensor:
+        """[x | zero condition latent | zero mask] (B, 33, T, H, W): text-to-video, as the pipeline feeds it."""
+        return torch.cat([x, torch.zeros_like(x), torch.zeros_like(x[:, :1])], dim=1)
+
+    def targets(self, trajectory: torch.Tensor, segments: torch.Tensor) -> torch.Tensor:
+        """v*_k = (x_{k+1} - x_k) / (s_{k+1} - s_k) per sample, (B, C, T', H', W'), in float64 then float32."""
+        rows = torch.arange(trajectory.shape[0], device=trajectory.device)
+        start, end = trajectory[rows, segments].double(), trajectory[rows, segments + 1].double()
+        ds = (self.sigmas[segments.cpu() + 1] - self.sigmas[segments.cpu()]).to(trajectory.device)
+        return ((end - start) / ds.view(-1, 1, 1, 1, 1)).float()
+
+    def velocity(self, module: nn.Module, trajectory: torch.Tensor, segments: torch.Tensor, text, mask,
+                 route: TokenRoute | None = None) -> torch.Tensor:
+        """The student's velocity at each sample's segment start, sampled as the pipeline samples it."""
+        rows = torch.arange(trajectory.shape[0], device=trajectory.device)
+        sigma = self.sigmas.float().to(trajectory.device)
+        x = trajectory[rows, segments]
+        if self.encoder_refresh is None:
+            return module(self.model_input(x), 1000.0 * sigma[segments], text, mask, route=route)[0]
+        sources = torch.tensor([refresh_step(int(k), self.encoder_refresh) for k in segments], device=x.device)
+        encoder_from = (self.model_input(trajectory[rows, sources]), 1000.0 * sigma[sources])
+        return module(self.model_input(x), 1000.0 * sigma[segments], text, mask, encoder_from=encoder_from)[0]
+
+    def __call__(self, module: nn.Module, batch: dict, step: int, sample_ids: list[int],
+                 device: torch.device) -> StepLoss:
+        trajectory = batch["trajectory"].to(device, torch.float32)  # (B, K+1, C, T', H', W')
+        if trajectory.shape[1] != self.steps + 1:
+            raise ConfigError(f"the batch's trajectories have {trajectory.shape[1]} states, the objective expects "
+                              f"{self.steps + 1}")
+        segments = torch.tensor([self.segment(step, sid) for sid in sample_ids], device=device)
+        _, _, _, t, h, w = trajectory.shape
+        pt, ph, pw = self.patch_size
+        num_tokens = (t // pt) * (h // ph) * (w // pw)
+        route = None
+        if self.route is not None:
+            kept = [sample_route(self.route, self.num_blocks, 1, num_tokens,
+                                 generator=_generator(sample_seed(self.seed, step, sid, "route"), torch.device("cpu")))
+                    for sid in sample_ids]
+            if kept[0] is not None:
+                route = TokenRoute(kept[0].start_layer, kept[0].end_layer,
+                                   torch.cat([r.kept for r in kept]).to(device))
+        text, mask = batch["text"].to(device), batch["text_mask"].to(device)
+        velocity = self.velocity(module, trajectory, segments, text, mask, route)
+        loss = F.mse_loss(velocity.float(), self.targets(trajectory, segments))
+        return StepLoss(loss, loss.detach(), None, trajectory.shape[0] * num_tokens)
+
+    @torch.no_grad()
+    def evaluate(self, module: nn.Module, batch: dict, sample_ids: list[int], device: torch.device) -> torch.Tensor:
+        """Validation: the loss on every segment of every sample (no randomness), mean over segments."""
+        trajectory = batch["trajectory"].to(device, torch.float32)
+        text, mask = batch["text"].to(device), batch["text_mask"].to(device)
+        losses = []
+        for k in range(self.steps):
+            segments = torch.full((trajectory.shape[0],), k, device=device)
+            velocity = self.velocity(module, trajectory, segments, text, mask)
+            losses.append(F.mse_loss(velocity.float(), self.targets(trajectory, segments)))
+        return torch.stack(losses).mean()
+
