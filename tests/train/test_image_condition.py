@@ -142,3 +142,25 @@ def test_text_to_video_training_is_unchanged(tmp_path):
     assert off == absent
     on = t2v_run(tmp_path / "on", {"text_dropout": 0.2, "image_condition": {"probability": 1.0}})
     assert on["losses"] != absent["losses"]
+
+
+def test_validation_includes_an_image_to_video_sample(tmp_path):
+    """With image conditioning on, each validation writes an image-to-video clip from the first validation clip's
+    own first frame (decoded from its latent) next to the text-to-video ones, and that frame beside it."""
+    from motif_video.pipeline.video_io import read_video
+    from motif_video.testing import save_tiny_pipeline
+    from motif_video.train.loop import train
+
+    pipeline = save_tiny_pipeline(tmp_path / "pipe")
+    cache = make_cache(tmp_path / "cache", n_images=0, n_videos=2)
+    config = build_config(tmp_path, cache, optim={"lr": 1e-3, "steps": 2},
+                          model={"preset": "motif-video-tiny", "overrides": {"image_embed_dim": 8}},
+                          objective={"image_condition": {"probability": 0.5}},
+                          validation={"every": 2, "num_samples": 2, "prompts": ["a red circle moving left"],
+                                      "pipeline": str(pipeline), "num_inference_steps": 2, "width": 32,
+                                      "height": 32, "num_frames": 5})
+    train(config)
+    folder = tmp_path / "run" / "samples" / "step-00000002"
+    assert sorted(p.name for p in folder.iterdir()) == ["00.mp4", "i2v.image.png", "i2v.mp4"]
+    assert read_video(folder / "i2v.mp4").shape == (5, 32, 32, 3)
+    assert read_video(folder / "i2v.image.png").shape == (1, 32, 32, 3)

@@ -257,8 +257,15 @@ class ValidationSection:
     width: int = 256
     height: int = 256
     num_frames: int = 17
+    # A first frame (image file) for an image-to-video sample video with the first prompt. None, with
+    # objective.image_condition on: the first validation clip's own first frame (decoded from its cached latent)
+    # and caption.
+    image: str | None = None
 
     def validate(self, key: str) -> None:
+        if self.image is not None and (self.pipeline is None or not self.prompts):
+            raise ConfigError(f"{key}.image needs {key}.pipeline (a folder with the text encoder and VAE) and a "
+                              f"prompt in {key}.prompts")
         if self.every < 1 or self.num_samples < 1:
             raise ConfigError(f"{key}: every and num_samples must be >= 1")
         if self.prompts and self.pipeline is None:
