@@ -1,4 +1,4 @@
-"""A tied model trained without the query LayerNorm's bias converts to the released diffusers layout exactly; one
+"""A tied model trained without the query LayerNorm's bias converts to the released diffusers layout (and GGUF) exactly; one
 trained with it (the released checkpoint's form) is refused, as before."""
 
 import pytest
@@ -44,6 +44,11 @@ def test_bias_free_query_norm_converts_exactly_to_diffusers(tmp_path, capsys):
         expected = reference(x, t, text, mask, return_dict=False)[0]
         got = ours(x, t, text, mask)
     assert (got - expected).abs().max() <= 1e-5 * expected.abs().max()
+    # quantize reads the tied folder through the same fold: f32 GGUF gives the same output
+    assert cli_main(["quantize", str(folder), str(tmp_path / "m.gguf"), "--type", "f32", "--no-progress"]) == 0
+    with torch.no_grad():
+        quantized = MotifVideoTransformer.from_single_file(tmp_path / "m.gguf").eval()(x, t, text, mask)
+    assert (quantized - expected).abs().max() <= 1e-5 * expected.abs().max()
     # and back: the diffusers folder loads here too
     again = MotifVideoTransformer.from_pretrained(tmp_path / "diffusers").eval()
     with torch.no_grad():
