@@ -1,5 +1,5 @@
-"""A tied model trained without the query LayerNorm's bias converts to the released diffusers layout (and GGUF) exactly; one
-trained with it (the released checkpoint's form) is refused, as before."""
+"""A tied model trained without the query LayerNorm's bias converts to the released diffusers layout (and GGUF)
+exactly; one trained with it (the released checkpoint's form) is refused, as before."""
 
 import pytest
 import torch
