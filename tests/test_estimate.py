@@ -111,9 +111,10 @@ def test_pipeline_sampling_flops_with_encoder_reuse(tmp_path):
 
 # -- weights --------------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("name", ["motif-video-2b", "motif-video-small", "motif-video-nano", "motif-video-tiny"])
-@pytest.mark.parametrize("form", ["untied", "tied"])
+@pytest.mark.parametrize("form", ["untied", "tied", "tied-no-query-bias"])
 def test_parameter_shapes_and_bytes_match_real_models(name, form):
-    config = preset(name, cross_attention_form=form)
+    config = preset(name, cross_attention_form=form.removesuffix("-no-query-bias"),
+                    cross_attention_query_bias=not form.endswith("-no-query-bias"))
     with torch.device("meta"):
         model = MotifVideoTransformer(config)
     real = {k: tuple(v.shape) for k, v in model.state_dict().items()}

@@ -63,6 +63,7 @@ def build_transformer(seed: int = 0, std: float = 0.05, preset_name: str = "moti
     overrides = {"text_embed_dim": 32, "image_embed_dim": 8, **overrides}
     config = preset(preset_name, **overrides).to_dict()
     config.pop("cross_attention_form")
+    config.pop("cross_attention_query_bias")
     model = MotifVideoTransformer3DModel(**config)
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():

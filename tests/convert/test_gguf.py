@@ -188,7 +188,8 @@ def mixed_gguf(cfg, model, path):
 
 def diffusers_from_numpy_dequant(cfg, path):
     """diffusers' model holding the file's weights as dequantised by gguf's numpy reference (float32 arithmetic)."""
-    ref = MotifVideoTransformer3DModel(**{k: v for k, v in cfg.to_dict().items() if k != "cross_attention_form"})
+    ours_only = ("cross_attention_form", "cross_attention_query_bias")
+    ref = MotifVideoTransformer3DModel(**{k: v for k, v in cfg.to_dict().items() if k not in ours_only})
     state_dict = {}
     for t in gguf.GGUFReader(path).tensors:
         shape = tuple(int(d) for d in reversed(t.shape.tolist()))

@@ -18,6 +18,7 @@ from tests.conftest import randomize_
 def diffusers_kwargs(cfg: TransformerConfig) -> dict:
     d = cfg.to_dict()
     d.pop("cross_attention_form")
+    d.pop("cross_attention_query_bias")
     return d
 
 

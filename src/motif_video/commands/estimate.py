@@ -47,10 +47,11 @@ def _linear(name: str, fan_in: int, fan_out: int, bias: bool = True) -> dict[str
     return {f"{name}.weight": (fan_out, fan_in), **({f"{name}.bias": (fan_out,)} if bias else {})}
 
 
-def _cross_attention_shapes(prefix: str, form: str, d: int, head_dim: int) -> dict[str, tuple[int, ...]]:
+def _cross_attention_shapes(prefix: str, form: str, d: int, head_dim: int,
+                            query_bias: bool = True) -> dict[str, tuple[int, ...]]:
     if form == "tied":  # K, V and the norms are the block's own; only the query path and the output are new
         return {**_linear(f"{prefix}.query_proj", d, d), f"{prefix}.query_norm.weight": (d,),
-                f"{prefix}.query_norm.bias": (d,), **_linear(f"{prefix}.out_proj", d, d)}
+                **({f"{prefix}.query_norm.bias": (d,)} if query_bias else {}), **_linear(f"{prefix}.out_proj", d, d)}
     shapes = {}
     for proj in ("to_q", "to_k", "to_v"):
         shapes.update(_linear(f"{prefix}.{proj}", d, d))
@@ -88,7 +89,8 @@ def parameter_shapes(config) -> dict[str, tuple[int, ...]]:
         for norm in ("norm_q", "norm_k", "norm_added_q", "norm_added_k"):
             shapes[f"{p}.attn.{norm}.weight"] = (hd,)
         if c.enable_text_cross_attention_dual:
-            shapes.update(_cross_attention_shapes(f"{p}.cross_attn", c.cross_attention_form, d, hd))
+            shapes.update(_cross_attention_shapes(f"{p}.cross_attn", c.cross_attention_form, d, hd,
+                                                  c.cross_attention_query_bias))
         for ff in ("ff", "ff_context"):
             shapes.update(_linear(f"{p}.{ff}.net.0.proj", d, m))
             shapes.update(_linear(f"{p}.{ff}.net.2", m, d))
@@ -98,7 +100,8 @@ def parameter_shapes(config) -> dict[str, tuple[int, ...]]:
             shapes.update(_linear(f"{p}.attn.{proj}", d, d))
         shapes.update({f"{p}.attn.norm_q.weight": (hd,), f"{p}.attn.norm_k.weight": (hd,)})
         if c.enable_text_cross_attention_single and i < c.num_encoder_single_layers:
-            shapes.update(_cross_attention_shapes(f"{p}.cross_attn", c.cross_attention_form, d, hd))
+            shapes.update(_cross_attention_shapes(f"{p}.cross_attn", c.cross_attention_form, d, hd,
+                                                  c.cross_attention_query_bias))
         shapes.update(_linear(f"{p}.norm.linear", d, 3 * d))
         shapes.update(_linear(f"{p}.proj_mlp", d, m))
         shapes.update(_linear(f"{p}.proj_out", d + m, d))

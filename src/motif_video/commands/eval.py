@@ -22,6 +22,10 @@ def register(subparsers) -> None:
     p.add_argument("--shuffle-prompts", type=int, default=None, metavar="SEED",
                    help="pair each clip with another clip's prompt: the chance-level baseline")
     p.add_argument("--title", default=None, help="report title (default: the source name)")
+    p.add_argument("--image-to-video", action="store_true",
+                   help="score clips made from a first image: keeps the image's colour and shape, follows the "
+                        "prompt's direction, frame 0 close to the image (each clip's image: <name>.image.png in a "
+                        "folder, or 'image' in the JSONL)")
     p.set_defaults(func=run)
 
 
@@ -33,6 +37,8 @@ def run(args) -> int:
     from ..errors import MotifVideoError
     from ..eval.report import evaluate, load_items, markdown_table, shuffle_prompts, write_report
 
+    if args.image_to_video:
+        return _run_image_to_video(args)
     items = load_items(args.source)
     if args.limit is not None:
         if args.limit < 1:
@@ -47,4 +53,28 @@ def run(args) -> int:
     written = write_report(results, args.out, title)
     print(markdown_table(results, title, max_rows=0).rstrip())
     print(f"\nwrote {written['results']}, {written['markdown']} and {len(written['plots'])} plots")
+    return 0
+
+
+def _run_image_to_video(args) -> int:
+    from pathlib import Path
+
+    from tqdm import tqdm
+
+    from ..errors import MotifVideoError
+    from ..eval.i2v import evaluate_i2v, load_i2v_items, markdown_i2v, write_i2v_report
+
+    if args.shuffle_prompts is not None:
+        raise MotifVideoError("--shuffle-prompts applies to text-to-video scoring only")
+    items = load_i2v_items(args.source)
+    if args.limit is not None:
+        if args.limit < 1:
+            raise MotifVideoError(f"--limit must be >= 1, got {args.limit}")
+        items = items[: args.limit]
+    title = args.title or f"motif-video eval (image-to-video): {Path(args.source).name}"
+    with tqdm(total=len(items), unit="clip", disable=None) as bar:
+        results = evaluate_i2v(items, progress=bar.update)
+    written = write_i2v_report(results, args.out, title)
+    print(markdown_i2v(results, title).rstrip())
+    print(f"\nwrote {written['results']} and {written['markdown']}")
     return 0

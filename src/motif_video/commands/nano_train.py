@@ -31,6 +31,8 @@ def register(subparsers) -> None:
     p.add_argument("--eval-prompts", type=int, default=plan.eval_prompts,
                    help="held-out prompts to evaluate (0: skip)")
     p.add_argument("--eval-steps", type=int, default=plan.eval_steps, help="sampling steps during evaluation")
+    p.add_argument("--i2v-eval-clips", type=int, default=plan.i2v_eval_clips,
+                   help="held-out first frames to evaluate image-to-video on (0: skip)")
     p.add_argument("--encoder-budget", type=int, default=plan.encoder_budget,
                    help="encoder runs per video of the calibrated encoder-reuse schedule saved as the model's "
                         "default (0: exact sampling by default)")
@@ -56,7 +58,7 @@ def run(args) -> int:
                     codec_budget_s=args.codec_budget, teacher_steps=args.teacher_steps,
                     stage_steps=tuple(args.stage_steps), eval_prompts=args.eval_prompts, eval_steps=args.eval_steps,
                     encoder_budget=args.encoder_budget or None, codec_from=args.codec_from,
-                    teacher_from=args.teacher_from)
+                    teacher_from=args.teacher_from, i2v_eval_clips=args.i2v_eval_clips)
     log = run_recipe(args.out_dir, plan, progress=not args.quiet)
     summary = log.get("eval", {}).get("summary", {})
     scores = ", ".join(f"{key} {summary[key]:.3f}" for key in ("all_correct", "color_accuracy", "shape_accuracy",
@@ -64,4 +66,7 @@ def run(args) -> int:
                        if isinstance(summary.get(key), float))
     print(f"nano model in {args.out_dir}/model ({log['model_bytes'] / 2**20:.1f} MiB), trained in "
           f"{log['seconds']['total_training'] / 60:.1f} min; held-out eval: {scores or 'skipped'}")
+    i2v = log.get("eval_i2v", {}).get("all_correct")
+    if i2v is not None:
+        print(f"image-to-video on {log['eval_i2v']['clips']} held-out first frames: all checks right {i2v:.3f}")
     return 0

@@ -69,7 +69,8 @@ def tied_cross_blocks(state_dict: dict) -> list[str]:
 def query_fold(state_dict: dict, block: str, bias_tolerance: float = 1e-6) -> torch.Tensor:
     """diag(g) (I - 11^T / n) in float64: the map that takes a tied block's query projection to diffusers' to_q."""
     g = state_dict[f"{block}cross_attn.query_norm.weight"].double()
-    beta = state_dict[f"{block}cross_attn.query_norm.bias"].double()
+    beta = state_dict.get(f"{block}cross_attn.query_norm.bias", torch.zeros_like(g))  # bias-free: exact
+    beta = beta.double()
     if beta.abs().max() > bias_tolerance:
         raise CheckpointError(
             f"{block}cross_attn.query_norm has a non-zero bias (max |b| = {beta.abs().max():.3g}); the query "

@@ -128,11 +128,13 @@ class TiedCrossAttention(AttentionModule):
     layer into a trained model leaves its output unchanged.
     """
 
-    def __init__(self, hidden_size: int, heads: int, head_dim: int, block: int = 0):
+    def __init__(self, hidden_size: int, heads: int, head_dim: int, block: int = 0, query_bias: bool = True):
         super().__init__(AttentionSite(block, "cross"))
         self.heads = heads
         self.query_proj = nn.Linear(hidden_size, heads * head_dim)
-        self.query_norm = nn.LayerNorm(heads * head_dim, eps=1e-6)
+        # Without a bias the LayerNorm is the linear map diag(g)(I - 11^T/n) after W'_q, which folds into diffusers'
+        # to_q exactly (convert/layouts.py); a learned bias adds a constant query the untied layout cannot express.
+        self.query_norm = nn.LayerNorm(heads * head_dim, eps=1e-6, bias=query_bias)
         self.out_proj = nn.Linear(heads * head_dim, hidden_size)
         nn.init.zeros_(self.out_proj.weight)
         nn.init.zeros_(self.out_proj.bias)
@@ -146,5 +148,8 @@ class TiedCrossAttention(AttentionModule):
         return self.out_proj(self.attend(q, k, v, inputs.cross_mask, inputs.cross_layout))
 
 
-def make_cross_attention(form: str, hidden_size: int, heads: int, head_dim: int, block: int = 0) -> AttentionModule:
-    return (TiedCrossAttention if form == "tied" else CrossAttention)(hidden_size, heads, head_dim, block)
+def make_cross_attention(form: str, hidden_size: int, heads: int, head_dim: int, block: int = 0,
+                         query_bias: bool = True) -> AttentionModule:
+    if form == "tied":
+        return TiedCrossAttention(hidden_size, heads, head_dim, block, query_bias)
+    return CrossAttention(hidden_size, heads, head_dim, block)

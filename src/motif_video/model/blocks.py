@@ -54,13 +54,13 @@ class DualStreamBlock(nn.Module):
     """MMDiT block: video and text keep separate weights and meet in one joint attention."""
 
     def __init__(self, hidden_size: int, heads: int, head_dim: int, mlp_ratio: float, cross_attention: str | None,
-                 block: int = 0):
+                 block: int = 0, query_bias: bool = True):
         super().__init__()
         self.norm1 = AdaLayerNormZero(hidden_size, 6)
         self.norm1_context = AdaLayerNormZero(hidden_size, 6)
         self.attn = Attention(hidden_size, heads, head_dim, context_projections=True, output_projection=True,
                               block=block)
-        self.cross_attn = (make_cross_attention(cross_attention, hidden_size, heads, head_dim, block)
+        self.cross_attn = (make_cross_attention(cross_attention, hidden_size, heads, head_dim, block, query_bias)
                            if cross_attention else None)
         self.norm2 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
         self.norm2_context = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
@@ -90,12 +90,12 @@ class SingleStreamBlock(nn.Module):
     """
 
     def __init__(self, hidden_size: int, heads: int, head_dim: int, mlp_ratio: float, cross_attention: str | None,
-                 block: int = 0):
+                 block: int = 0, query_bias: bool = True):
         super().__init__()
         mlp_dim = int(hidden_size * mlp_ratio)
         self.attn = Attention(hidden_size, heads, head_dim, context_projections=False, output_projection=False,
                               block=block)
-        self.cross_attn = (make_cross_attention(cross_attention, hidden_size, heads, head_dim, block)
+        self.cross_attn = (make_cross_attention(cross_attention, hidden_size, heads, head_dim, block, query_bias)
                            if cross_attention else None)
         self.norm = AdaLayerNormZero(hidden_size, 3)
         self.proj_mlp = nn.Linear(hidden_size, mlp_dim)

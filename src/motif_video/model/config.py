@@ -43,6 +43,9 @@ class TransformerConfig:
     # Ours: "untied" is the diffusers layout (cross-attention owns copies of Q/K/V/norms); "tied" is the paper's
     # Shared Cross-Attention whose K/V/norms ARE the block's self-attention weights, with a LayerNorm on the query.
     cross_attention_form: str = "untied"
+    # Ours, tied form only: whether the query LayerNorm has a bias. Without one the tied model converts to the
+    # diffusers layout exactly; the released checkpoint and models trained before this option have one.
+    cross_attention_query_bias: bool = True
 
     def __post_init__(self):
         self.rope_axes_dim = tuple(int(d) for d in self.rope_axes_dim)
@@ -105,6 +108,7 @@ class TransformerConfig:
         d = {"_class_name": DIFFUSERS_CLASS_NAME, **self.to_dict()}
         if self.cross_attention_form == "untied":
             d.pop("cross_attention_form")
+            d.pop("cross_attention_query_bias")
         return d
 
     @classmethod

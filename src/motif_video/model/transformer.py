@@ -101,7 +101,8 @@ class MotifVideoTransformer(nn.Module):
         # 2. Early fusion: dual-stream blocks
         dual_cross = c.cross_attention_form if c.enable_text_cross_attention_dual else None
         self.transformer_blocks = nn.ModuleList(
-            [DualStreamBlock(hidden, heads, head_dim, c.mlp_ratio, dual_cross, block=i) for i in range(c.num_layers)]
+            [DualStreamBlock(hidden, heads, head_dim, c.mlp_ratio, dual_cross, block=i,
+                             query_bias=c.cross_attention_query_bias) for i in range(c.num_layers)]
         )
         # 3. Joint representation (single-stream encoder, with Shared Cross-Attention) and 4. the DDT decoder:
         # both are single-stream blocks in one list, as in the released checkpoint; the decoder never has
@@ -110,7 +111,8 @@ class MotifVideoTransformer(nn.Module):
         self.single_transformer_blocks = nn.ModuleList(
             [
                 SingleStreamBlock(hidden, heads, head_dim, c.mlp_ratio,
-                                  single_cross if i < c.num_encoder_single_layers else None, block=c.num_layers + i)
+                                  single_cross if i < c.num_encoder_single_layers else None, block=c.num_layers + i,
+                                  query_bias=c.cross_attention_query_bias)
                 for i in range(c.num_single_layers)
             ]
         )

@@ -18,6 +18,7 @@ class NanoPlan:
     stage_steps: tuple[int, int, int] = (600, 1200, 3600)
     eval_prompts: int = 105
     eval_steps: int = 20
+    i2v_eval_clips: int = 24  # held-out first frames scored for image-to-video (0: skip)
     encoder_budget: int | None = 6  # encoder runs of the calibrated reuse schedule written as the default (None: exact)
     train_overrides: tuple[str, ...] = ()  # extra `key=value` overrides for every stage config
     codec_from: str | None = None  # a trained codec folder to reuse instead of training one

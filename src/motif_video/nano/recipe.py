@@ -10,6 +10,7 @@
     model     the released folder layout: model_index.json, transformer/, vae/, text_encoder/, tokenizer/,
               scheduler/, motif_video.json (generation defaults)
     eval      held-out-wording prompts -> videos -> analytic scores    (eval/)
+              held-out first frames + direction prompts -> image-to-video scores (eval/i2v.py)
 """
 
 from __future__ import annotations
@@ -127,6 +128,40 @@ def evaluate(model: Path | object, prompts_file: Path, out_dir: Path, limit: int
     return results
 
 
+# Direction-only prompts of the image-to-video evaluation: the image gives the object, the prompt only the motion.
+DIRECTION_PROMPTS = {"left": "moving to the left", "right": "moving to the right", "up": "moving up",
+                     "down": "moving down", "static": "staying still"}
+
+
+def evaluate_image_to_video(model: Path | object, out_dir: Path, limit: int, steps: int, seed: int = 0) -> dict:
+    """Image-to-video on the held-out prompts: each prompt's object is drawn afresh (a random stream training never
+    used) and its first frame given as the image, with the held-out prompt (even clips) or a direction-only one
+    (odd clips); scored by `motif-video eval --image-to-video`'s checks."""
+    import numpy as np
+
+    from ..eval.i2v import evaluate_i2v, write_i2v_report
+    from ..pipeline.pipeline import MotifVideoPipeline
+    from ..pipeline.video_io import write_video
+    from .data import Attributes, heldout_prompts, render
+
+    pipe = model if isinstance(model, MotifVideoPipeline) else MotifVideoPipeline.from_pretrained(model, device="cpu")
+    d = pipe.defaults
+    clips = out_dir / "clips"
+    clips.mkdir(parents=True, exist_ok=True)
+    items = []
+    for i, row in enumerate(heldout_prompts(limit, seed)):
+        attrs = Attributes(**row["attributes"])
+        first = render(attrs, d.num_frames, d.height, np.random.default_rng([seed, 7919, i])).frames[0]
+        prompt = row["prompt"] if i % 2 == 0 else DIRECTION_PROMPTS[attrs.motion]
+        image = write_video(first[None], clips / f"i2v_{i:04d}.image.png")
+        frames = pipe(prompt, image=first, num_inference_steps=steps, progress=False,
+                      generator=torch.Generator().manual_seed(seed + i))[0]
+        items.append({"path": write_video(frames, clips / f"i2v_{i:04d}.mp4", fps=d.fps), "image": image,
+                      "prompt": prompt})
+    written = write_i2v_report(evaluate_i2v(items), out_dir / "report", "motif-video eval (image-to-video)")
+    return json.loads(written["results"].read_text())["summary"]
+
+
 def calibrate_encoder_reuse(model_dir: Path, budget: int) -> list[int]:
     """Plan the model's default encoder-reuse schedule (`budget` encoder runs at its default steps) and save it."""
     from ..pipeline.encoder_schedule import CALIBRATION_PROMPTS, measure_drift, plan_refresh, save_schedule
@@ -197,6 +232,10 @@ def run_recipe(out_dir: str | Path, plan: NanoPlan | None = None, progress: bool
     with _step(seconds, "eval"):
         log["eval"] = evaluate(model_dir, data_dir / "heldout_prompts.jsonl", out_dir / "eval", plan.eval_prompts,
                                plan.eval_steps, seed=plan.seed)
+    if plan.i2v_eval_clips:
+        with _step(seconds, "eval_i2v"):
+            log["eval_i2v"] = evaluate_image_to_video(model_dir, out_dir / "eval-i2v", plan.i2v_eval_clips,
+                                                      plan.eval_steps, seed=plan.seed)
     log["model_bytes"] = sum(p.stat().st_size for p in model_dir.rglob("*") if p.is_file())
     (out_dir / "nano_recipe.json").write_text(json.dumps(log, indent=2, default=str) + "\n")
     return log

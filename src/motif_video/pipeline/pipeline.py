@@ -25,6 +25,26 @@ from .sampler import make_scheduler
 from .text import PromptEncoder, check_prompt, pad_and_stack
 from .vae import LatentCodec
 
+
+def first_frame_tokens(text_encoder, image_processor, first_frame: torch.Tensor) -> torch.Tensor | None:
+    """SigLIP tokens (B, N, D) of first frames (B, 3, 1, H, W) in [-1, 1] from the text encoder's vision tower, or
+    None when it has none. Generation and the training cache (`motif-video cache`) compute them here alike."""
+    vision = getattr(text_encoder, "vision_tower", None)
+    if vision is None:
+        return None
+    rgb01 = ((first_frame[:, :, 0] + 1) / 2).clamp(0, 1)  # (B, 3, H, W)
+    if image_processor is not None:
+        pixels = image_processor.preprocess(images=rgb01, do_resize=True, do_rescale=False, do_normalize=True,
+                                            do_convert_rgb=True, return_tensors="pt")["pixel_values"]
+    else:
+        size = vision.config.image_size
+        pixels = torch.nn.functional.interpolate(rgb01, size=(size, size), mode="bicubic", antialias=True)
+        pixels = (pixels - 0.5) / 0.5
+    param = next(vision.parameters())
+    with torch.no_grad():
+        return vision(pixel_values=pixels.to(param.device, param.dtype)).last_hidden_state
+
+
 def initial_noise(shape: tuple[int, ...], generator) -> torch.Tensor:
     """Standard normal latents; with a list of generators, clip i draws from generator i alone."""
     if isinstance(generator, (list, tuple)):
@@ -127,21 +147,9 @@ class MotifVideoPipeline(LoraLoaderMixin):
 
     def _image_tokens(self, first_frame: torch.Tensor) -> torch.Tensor | None:
         """SigLIP tokens of the first frame from the text encoder's vision tower (None if the model has none)."""
-        vision = getattr(self.prompts.text_encoder, "vision_tower", None)
-        if vision is None or self.transformer.config.image_embed_dim is None:
+        if self.transformer.config.image_embed_dim is None:
             return None
-        rgb01 = ((first_frame[:, :, 0] + 1) / 2).clamp(0, 1)  # (1, 3, H, W)
-        if self.image_processor is not None:
-            pixels = self.image_processor.preprocess(images=rgb01, do_resize=True, do_rescale=False,
-                                                     do_normalize=True, do_convert_rgb=True,
-                                                     return_tensors="pt")["pixel_values"]
-        else:
-            size = vision.config.image_size
-            pixels = torch.nn.functional.interpolate(rgb01, size=(size, size), mode="bicubic", antialias=True)
-            pixels = (pixels - 0.5) / 0.5
-        param = next(vision.parameters())
-        with torch.no_grad():
-            return vision(pixel_values=pixels.to(param.device, param.dtype)).last_hidden_state
+        return first_frame_tokens(self.prompts.text_encoder, self.image_processor, first_frame)
 
     # -- generation ------------------------------------------------------------------------------------------------
     @torch.no_grad()

@@ -6,7 +6,10 @@ Training at scale never runs the VAE or the text encoder: `motif-video cache` en
                                         sample (key, source, caption, bucket, latent_shape, text_len, shard)
     <folder>/shard-*.safetensors        per sample `<key>.latents` (16, T', H', W') normalised VAE latents,
                                         `<key>.text` (L, D) text states, `<key>.text_mask` (L,) uint8,
-                                        optional `<key>.teacher` (N_t, D_t) frozen REPA teacher features
+                                        optional `<key>.teacher` (N_t, D_t) frozen REPA teacher features,
+                                        optional `<key>.image_tokens` (N_i, D_i) SigLIP tokens of the clip's
+                                        first frame (image-to-video training; written when the text encoder
+                                        has a vision tower; caches without them read as before)
     <folder>/empty_prompt.safetensors   optional `text` (L, D) + `text_mask` (L,) of the empty prompt (CFG dropout)
 
 Images are 1-frame clips (T' = 1). Each record carries its pixel bucket key "FRAMESxHEIGHTxWIDTH" (as
@@ -53,6 +56,7 @@ class CachedSample:
     teacher: torch.Tensor | None = None  # (N_t, D_t) REPA teacher patch features
     teacher_grid: tuple[int, int, int] | None = None  # the teacher tokens' (t, h, w) layout
     source: str | None = None  # the clip's identity (its path in the dataset); None: a running-counter key
+    image_tokens: torch.Tensor | None = None  # (N_i, D_i) vision-tower tokens of the first frame (I2V)
 
 
 def default_bucket(latent_shape) -> str:
@@ -77,7 +81,8 @@ def _fsync_write_json(path: Path, data: dict) -> None:
 
 def _new_index(header: dict) -> dict:
     index = {"format": FORMAT, "version": VERSION, **{name: None for name in HEADER_FIELDS},
-             "latent_channels": None, "text_dim": None, "teacher_dim": None, "empty_prompt": None,
+             "latent_channels": None, "text_dim": None, "teacher_dim": None, "image_dim": None,
+             "empty_prompt": None,
              "shards": [], "samples": []}
     index.update({k: v for k, v in header.items() if v is not None})
     return index
@@ -151,7 +156,7 @@ class CachedLatentWriter:
         self._pending_bytes = 0
 
     def _check_dim(self, name: str, value: int) -> None:
-        if self.index[name] is None:
+        if self.index.get(name) is None:  # .get: caches written before a field existed
             self.index[name] = int(value)
         elif self.index[name] != value:
             raise ConfigError(f"cache {self.folder}: {name} is {self.index[name]}, a new sample has {value}")
@@ -202,6 +207,12 @@ class CachedLatentWriter:
             self._check_dim("teacher_dim", sample.teacher.shape[1])
             tensors[f"{key}.teacher"] = sample.teacher
             record["teacher_grid"] = list(sample.teacher_grid)
+        if sample.image_tokens is not None:
+            if sample.image_tokens.dim() != 2:
+                raise ConfigError(f"image tokens must be (N, D), got {tuple(sample.image_tokens.shape)}")
+            self._check_dim("image_dim", sample.image_tokens.shape[1])
+            tensors[f"{key}.image_tokens"] = sample.image_tokens
+            record["image_tokens"] = int(sample.image_tokens.shape[0])
         for name, t in tensors.items():
             t = t.detach().cpu().contiguous()
             self._pending[name] = t
@@ -295,7 +306,7 @@ def merge_parts(folder: str | Path, *, remove_orphans: bool = False) -> dict:
         if index is None:
             index = _new_index({})
         _agree(index, {k: part.get(k) for k in (*HEADER_FIELDS, "latent_channels", "text_dim", "teacher_dim",
-                                                  "empty_prompt")}, folder)
+                                                  "image_dim", "empty_prompt")}, folder)
         keys = {r["key"] for r in index["samples"]}
         index["shards"] += [s for s in part["shards"] if s not in index["shards"]]
         index["samples"] += [r for r in part["samples"] if r["key"] not in keys]
@@ -431,6 +442,8 @@ class CachedLatentDataset(torch.utils.data.Dataset):
         if "teacher_grid" in record:
             item["teacher"] = shard.get_tensor(f"{key}.teacher").float()
             item["teacher_grid"] = tuple(record["teacher_grid"])
+        if record.get("image_tokens"):
+            item["image_tokens"] = shard.get_tensor(f"{key}.image_tokens").float()
         return item
 
     def empty_prompt(self) -> tuple[torch.Tensor, torch.Tensor] | None:
@@ -457,4 +470,6 @@ def collate(items: list[dict]) -> dict:
     if "teacher" in items[0]:
         batch["teacher"] = torch.stack([it["teacher"] for it in items])  # (B, N_t, D_t)
         batch["teacher_grid"] = items[0]["teacher_grid"]
+    if all("image_tokens" in it for it in items):  # (a batch mixing caches with and without: latent + mask only)
+        batch["image_tokens"] = torch.stack([it["image_tokens"] for it in items])  # (B, N_i, D_i)
     return batch

@@ -96,6 +96,29 @@ class DataSection:
 
 
 @dataclass
+class ImageConditionSection:
+    """Image-to-video training: a `probability` fraction of video samples is conditioned on its own first frame
+    (the clean first latent frame in the condition channels, mask 1 on frame 0, SigLIP tokens of the frame where
+    the cache holds them), exactly as generation conditions on a given image.
+
+    The release documents no augmentation of the condition (its pipelines and ComfyUI nodes encode the image
+    clean), so none is on by default; `noise_probability` of the conditioned samples get Gaussian noise of
+    standard deviation `noise_std` on the condition latent, which makes the model lean less on pixel-exact first
+    frames (an image that was not VAE-encoded from the same clip, a re-encoded JPEG)."""
+
+    probability: float = 0.5
+    noise_probability: float = 0.0
+    noise_std: float = 0.05
+
+    def validate(self, key: str) -> None:
+        for name in ("probability", "noise_probability"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ConfigError(f"{key}.{name} must be in [0, 1], got {getattr(self, name)}")
+        if self.noise_std < 0:
+            raise ConfigError(f"{key}.noise_std must be >= 0, got {self.noise_std}")
+
+
+@dataclass
 class ObjectiveSection:
     """Rectified flow matching. t = shift(sigmoid(N(logit_mean, logit_std))); shift is unknown for Motif (their
     internal base checkpoint used 2.5); 1.0 (no shift) suits small latents, larger shifts push training toward
@@ -110,10 +133,13 @@ class ObjectiveSection:
     # steps that run the encoder (the rest reuse it, as the pipeline's encoder_refresh), null: every step
     kind: Literal["flow", "distill"] = "flow"
     encoder_refresh: list[int] | None = None
+    image_condition: ImageConditionSection | None = None  # None: text-to-video only
 
     def validate(self, key: str) -> None:
         if self.encoder_refresh is not None and self.kind != "distill":
             raise ConfigError(f"{key}.encoder_refresh applies to kind: distill only")
+        if self.image_condition is not None:
+            self.image_condition.validate(f"{key}.image_condition")
         if self.logit_std <= 0:
             raise ConfigError(f"{key}.logit_std must be > 0, got {self.logit_std}")
         if self.shift <= 0:
@@ -238,8 +264,15 @@ class ValidationSection:
     width: int = 256
     height: int = 256
     num_frames: int = 17
+    # A first frame (image file) for an image-to-video sample video with the first prompt. None, with
+    # objective.image_condition on: the first validation clip's own first frame (decoded from its cached latent)
+    # and caption.
+    image: str | None = None
 
     def validate(self, key: str) -> None:
+        if self.image is not None and (self.pipeline is None or not self.prompts):
+            raise ConfigError(f"{key}.image needs {key}.pipeline (a folder with the text encoder and VAE) and a "
+                              f"prompt in {key}.prompts")
         if self.every < 1 or self.num_samples < 1:
             raise ConfigError(f"{key}: every and num_samples must be >= 1")
         if self.prompts and self.pipeline is None:

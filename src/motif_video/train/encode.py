@@ -24,6 +24,7 @@ from tqdm.auto import tqdm
 
 from ..errors import CheckpointError, ConfigError, MotifVideoError
 from ..model_folder import CONDITIONING_PARTS, ModelFolder, default_device_dtype
+from ..pipeline.pipeline import first_frame_tokens
 from ..pipeline.text import PromptEncoder, text_length
 from ..pipeline.vae import LatentCodec
 from .buckets import Bucket, BucketSet
@@ -247,6 +248,7 @@ def _encode_clips(ranks, source, writer: CachedLatentWriter, summary: CacheSumma
     codec = LatentCodec(folder.load("vae", torch_dtype=torch.float32).eval().to(device))
     prompts = PromptEncoder(folder.tokenizer(), folder.text_encoder(dtype).to(device),
                             max_length=folder.defaults.max_sequence_length)
+    image_processor = folder.image_processor()
     teacher_model = None
     if teacher:
         from ..alignment import build_teacher
@@ -276,12 +278,17 @@ def _encode_clips(ranks, source, writer: CachedLatentWriter, summary: CacheSumma
         features = grid = None
         if teacher_model is not None:
             features, grid = teacher_model.encode(pixels)
+        # Image-to-video training conditions clips on their first frame; the tokens are what generation computes
+        # from a given image (None: no vision tower). A still image is never conditioned on itself.
+        image_tokens = first_frame_tokens(prompts.text_encoder, image_processor, pixels[:, :, :1]) \
+            if pixels.shape[2] > 1 else None
         for j, (clip, _) in enumerate(loaded):
             added = writer.add(CachedSample(
                 latents=latents[j], text=states[j, : int(lengths[j])].float().cpu(), caption=clip.caption,
                 bucket=str(bucket), source=clip.source,
                 teacher=features[j].float().cpu() if features is not None else None,
                 teacher_grid=tuple(grid) if grid is not None else None,
+                image_tokens=image_tokens[j].cpu() if image_tokens is not None else None,
             ))
             summary.written += added
         bar.update(len(clips))

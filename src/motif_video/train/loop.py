@@ -478,12 +478,13 @@ class Trainer:
             return total / count
 
         metrics = {"loss": loss()}
+        videos = bool(v.prompts or v.image) or (v.pipeline is not None and self.config.objective.image_condition)
         if self.ema is not None:
             with self.ema.applied(self.module.transformer):
                 metrics["loss_ema"] = loss()
-                if v.prompts:
+                if videos:
                     self._sample_videos(step)
-        elif v.prompts:
+        elif videos:
             self._sample_videos(step)
         self.module.train()
         if self.is_main:
@@ -505,20 +506,44 @@ class Trainer:
             folder = ModelFolder(v.pipeline, required=CONDITIONING_PARTS)
             self._pipeline = MotifVideoPipeline(
                 self.module.transformer, folder.vae(self.device, self.compute_dtype).to(self.device),
-                folder.text_encoder(self.compute_dtype).to(self.device), folder.tokenizer(), defaults=folder.defaults)
+                folder.text_encoder(self.compute_dtype).to(self.device), folder.tokenizer(),
+                image_processor=folder.image_processor(), defaults=folder.defaults)
         pipe = self._pipeline
         folder = self.output_dir / "samples" / f"step-{step:08d}"
-        for i, prompt in enumerate(v.prompts):
+        samples = [(f"{i:02d}", prompt, None) for i, prompt in enumerate(v.prompts)]
+        if v.image is not None or self.config.objective.image_condition is not None:
+            samples.append(("i2v", *self._validation_image(pipe)))
+        for i, (name, prompt, image) in enumerate(samples):
             generator = torch.Generator(device="cpu").manual_seed(self.config.seed + i)
             with self.accelerator.autocast():
-                frames = pipe(prompt, height=v.height, width=v.width, num_frames=v.num_frames,
+                frames = pipe(prompt, image=image, height=v.height, width=v.width, num_frames=v.num_frames,
                               num_inference_steps=v.num_inference_steps, generator=generator, output_type="np",
                               progress=False)[0]
             if self.is_main:
                 folder.mkdir(parents=True, exist_ok=True)
-                write_video((frames * 255).round().astype(np.uint8), folder / f"{i:02d}.mp4",
+                write_video((frames * 255).round().astype(np.uint8), folder / f"{name}.mp4",
                             fps=pipe.defaults.fps)
+                if image is not None:
+                    write_video(np.asarray(image)[None], folder / f"{name}.image.png")
         reshard(self.module)
+
+    def _validation_image(self, pipe) -> tuple[str, np.ndarray]:
+        """(prompt, first frame (H, W, 3) uint8) of the image-to-video sample video: `validation.image` with the
+        first prompt, or the first validation clip's caption and its own first frame, decoded from its latent."""
+        from PIL import Image
+
+        v = self.config.validation
+        if v.image is not None:
+            try:
+                return v.prompts[0], np.asarray(Image.open(v.image).convert("RGB"))
+            except OSError:
+                raise ConfigError(f"validation.image: cannot read {v.image}") from None
+        dataset = getattr(self, "_val_dataset", self.dataset)
+        clip = next((dataset[i] for i in range(len(dataset)) if dataset[i]["latents"].shape[1] > 1), dataset[0])
+        with torch.no_grad():
+            first = pipe.codec.decode(clip["latents"][None, :, :1].to(self.device))  # (1, 3, 1, H, W) in [-1, 1]
+        rgb = ((first[0, :, 0].float().permute(1, 2, 0) + 1) * 127.5).round().clamp(0, 255)
+        return clip["caption"], rgb.to(torch.uint8).cpu().numpy()
 
 
 def train(config: TrainConfig, *, resume: bool = False, callbacks=None) -> TrainResult:

@@ -117,16 +117,45 @@ class FlowMatchingObjective:
         return a is not None and a.weight > 0 and (a.stop_step is None or step < a.stop_step)
 
     def model_inputs(self, x0: torch.Tensor, eps: torch.Tensor, t: torch.Tensor, *,
-                     image_to_video: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+                     image_to_video: bool | list[bool] = False,
+                     condition: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """The transformer's input (B, 33, T, H, W) at noise level t, and its timestep 1000 t.
 
-        Text-to-video: [x_t | zeros | zeros]. Image-to-video: the clip's clean first latent frame conditions it
-        (`latents.model_input`, exactly as generation builds it from the given image): the causal VAE encodes frame
-        0 on its own, so that latent frame is what encoding the first image alone gives.
+        Text-to-video: [x_t | zeros | zeros]. Image-to-video (all samples, or those flagged in a per-sample list):
+        the clip's clean first latent frame conditions it (`latents.model_input`, exactly as generation builds it
+        from the given image): the causal VAE encodes frame 0 on its own, so that latent frame is what encoding the
+        first image alone gives. `condition` (B, 16, 1, H, W) replaces that latent (an augmented copy).
         """
         tb = t.view(-1, 1, 1, 1, 1)
         x_t = (1 - tb) * x0 + tb * eps
-        return model_input(x_t, x0[:, :, :1] if image_to_video else None), 1000.0 * t
+        first = x0[:, :, :1] if condition is None else condition
+        if isinstance(image_to_video, bool):
+            return model_input(x_t, first if image_to_video else None), 1000.0 * t
+        if not any(image_to_video):  # the text-to-video input, built as without the flags
+            return model_input(x_t), 1000.0 * t
+        rows = [model_input(x_t[i:i + 1], first[i:i + 1] if flag else None) for i, flag in enumerate(image_to_video)]
+        return torch.cat(rows), 1000.0 * t
+
+    def image_conditions(self, x0: torch.Tensor, step, sample_ids: list[int]) -> tuple[list[bool], torch.Tensor]:
+        """Which samples are conditioned on their first frame, and the (augmented) condition latents (B, 16, 1, H, W).
+
+        Each draw comes from its own (seed, step, sample, "image") stream, so switching image conditioning on or off
+        leaves every sample's noise, timestep, dropout and route unchanged. Images (one latent frame) are never
+        conditioned: their first frame is the whole target.
+        """
+        c = self.config.image_condition
+        first = x0[:, :, :1]
+        if c is None or c.probability == 0 or x0.shape[2] == 1:
+            return [False] * x0.shape[0], first
+        flags, rows = [], []
+        for i, sid in enumerate(sample_ids):
+            g = _generator(sample_seed(self.seed, step, sid, "image"), torch.device("cpu"))
+            flags.append(bool(torch.rand((), generator=g) < c.probability))
+            row = first[i]
+            if flags[-1] and c.noise_std > 0 and bool(torch.rand((), generator=g) < c.noise_probability):
+                row = row + c.noise_std * torch.randn(row.shape, generator=g).to(row.device)
+            rows.append(row)
+        return flags, torch.stack(rows)
 
     def _texts(self, batch: dict, drop: list[bool], device) -> tuple[torch.Tensor, torch.Tensor]:
         texts, masks = [], []
@@ -164,7 +193,8 @@ class FlowMatchingObjective:
                     kept.append(r)
         eps = torch.stack(eps)
         t = torch.stack(ts).to(device)
-        hidden, timestep = self.model_inputs(x0, eps, t)
+        conditioned, condition = self.image_conditions(x0, step, sample_ids)
+        hidden, timestep = self.model_inputs(x0, eps, t, image_to_video=conditioned, condition=condition)
         text, mask = self._texts(batch, drop, device)
         route = None
         if kept:
@@ -175,11 +205,44 @@ class FlowMatchingObjective:
             if "teacher" not in batch:
                 raise ConfigError("alignment is on but the batch has no cached teacher features")
             teacher = batch["teacher"].to(device)
-        velocity, repa = module(hidden, timestep, text, mask, route=route, teacher=teacher,
-                                teacher_grid=batch.get("teacher_grid"), student_grid=grid)
+        forward = dict(hidden=hidden, timestep=timestep, text=text, mask=mask, route=route, teacher=teacher)
+        image_tokens = batch.get("image_tokens") if any(conditioned) else None
+        if image_tokens is None:
+            velocity, repa = module(hidden, timestep, text, mask, route=route, teacher=teacher,
+                                    teacher_grid=batch.get("teacher_grid"), student_grid=grid)
+        else:
+            velocity, repa = self._split_forward(module, forward, conditioned, image_tokens.to(device),
+                                                 batch.get("teacher_grid"), grid)
         flow = F.mse_loss(velocity.float(), (eps - x0).float())
         loss = flow if repa is None else flow + self.alignment.weight * repa
         return StepLoss(loss, flow.detach(), None if repa is None else repa.detach(), x0.shape[0] * num_tokens)
+
+    @staticmethod
+    def _split_forward(module, inputs: dict, conditioned: list[bool], image_tokens: torch.Tensor, teacher_grid,
+                       grid) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """One forward for the conditioned samples with their image tokens and one for the rest without: image
+        tokens are always attended (the model has no mask for them), so a text-to-video sample must not carry any,
+        as at generation. Returns the velocity in batch order and the REPA loss averaged over samples."""
+        velocity = None
+        repa_sum, repa_any = 0.0, False
+        for want in (False, True):
+            rows = [i for i, flag in enumerate(conditioned) if flag == want]
+            if not rows:
+                continue
+            index = torch.tensor(rows, device=inputs["hidden"].device)
+            route = inputs["route"]
+            if route is not None:
+                route = TokenRoute(route.start_layer, route.end_layer, route.kept[index])
+            teacher = inputs["teacher"][index] if inputs["teacher"] is not None else None
+            part, repa = module(inputs["hidden"][index], inputs["timestep"][index], inputs["text"][index],
+                                inputs["mask"][index], image_tokens[index] if want else None, route=route,
+                                teacher=teacher, teacher_grid=teacher_grid, student_grid=grid)
+            if velocity is None:
+                velocity = part.new_empty((len(conditioned), *part.shape[1:]))
+            velocity[index] = part
+            if repa is not None:
+                repa_sum, repa_any = repa_sum + repa * len(rows), True
+        return velocity, (repa_sum / len(conditioned) if repa_any else None)
 
     @torch.no_grad()
     def evaluate(self, module: nn.Module, batch: dict, sample_ids: list[int], device: torch.device,

@@ -28,6 +28,7 @@ def _comparable(config: TransformerConfig) -> dict:
     d = config.to_dict()
     if not (config.enable_text_cross_attention_single or config.enable_text_cross_attention_dual):
         d.pop("cross_attention_form")  # meaningless without cross-attention
+        d.pop("cross_attention_query_bias")
     return d
 
 
@@ -54,7 +55,7 @@ def apply_transitions(model: MotifVideoTransformer, transitions: list[str], targ
             if not target.enable_text_cross_attention_single:
                 raise ConfigError("insert_shared_cross_attention: set model.overrides."
                                   "enable_text_cross_attention_single: true for this stage")
-            insert_shared_cross_attention(model, target.cross_attention_form)
+            insert_shared_cross_attention(model, target.cross_attention_form, target.cross_attention_query_bias)
         else:
             raise ConfigError(f"unknown stage transition {op!r}")
     check_architecture(model, target, where)

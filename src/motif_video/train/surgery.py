@@ -18,7 +18,8 @@ from ..model.rope import rope_frequencies
 from ..model.transformer import MotifVideoTransformer
 
 
-def insert_shared_cross_attention(model: MotifVideoTransformer, form: str = "tied") -> MotifVideoTransformer:
+def insert_shared_cross_attention(model: MotifVideoTransformer, form: str = "tied",
+                                  query_bias: bool = True) -> MotifVideoTransformer:
     """Add zero-initialised Shared Cross-Attention to every single-stream encoder block (paper, stage 9).
 
     The output projection starts at zero, so the model's output is bit-identical until training moves it. The new
@@ -29,13 +30,15 @@ def insert_shared_cross_attention(model: MotifVideoTransformer, form: str = "tie
         raise ConfigError("this model already has Shared Cross-Attention in its single-stream blocks")
     ref = next(model.parameters())
     for index, block in enumerate(model.encoder_blocks, start=c.num_layers):
-        cross = make_cross_attention(form, c.hidden_size, c.num_attention_heads, c.attention_head_dim, block=index)
+        cross = make_cross_attention(form, c.hidden_size, c.num_attention_heads, c.attention_head_dim, block=index,
+                                     query_bias=query_bias)
         out = cross.out_proj if form == "tied" else cross.to_out[0]
         nn.init.zeros_(out.weight)
         nn.init.zeros_(out.bias)
         cross.backend = block.attn.backend
         block.cross_attn = cross.to(device=ref.device, dtype=ref.dtype)
-    model.config = c.replace(enable_text_cross_attention_single=True, cross_attention_form=form)
+    model.config = c.replace(enable_text_cross_attention_single=True, cross_attention_form=form,
+                             cross_attention_query_bias=query_bias)
     return model
 
 
