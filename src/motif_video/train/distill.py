@@ -302,6 +302,9 @@ class DistillationObjective:
         if route is not None:
             route.resolve(num_blocks)
 
+    def repa_active(self, step: int) -> bool:
+        return False  # distillation trains without REPA (the config refuses the pair)
+
     def segment(self, step: int, sample_id: int) -> int:
         """The segment (student step) sample `sample_id` of the global batch trains on at optimizer step `step`."""
         generator = _generator(sample_seed(self.seed, step, sample_id, "segment"), torch.device("cpu"))
