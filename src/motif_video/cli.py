@@ -5,9 +5,12 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import signal
 import sys
+import warnings
 
-from .errors import GenerationInterrupted, MotifVideoError
+from .errors import GenerationInterrupted, MotifVideoError, MotifVideoWarning
+from .files import Terminated, terminate_as_interrupt
 
 # Subcommand modules, in the order `--help` lists them.
 COMMANDS = [
@@ -41,6 +44,13 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _show_warning(message, category, filename, lineno, file=None, line=None, _default=warnings.showwarning):
+    if issubclass(category, MotifVideoWarning):
+        print(f"warning: {message}", file=sys.stderr)
+    else:
+        _default(message, category, filename, lineno, file, line)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -48,10 +58,18 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     try:
-        return int(args.func(args) or 0)
+        # SIGTERM unwinds like Ctrl-C, so half-written outputs are removed on the way out.
+        with terminate_as_interrupt(), warnings.catch_warnings():
+            warnings.simplefilter("always", MotifVideoWarning)
+            warnings.showwarning = _show_warning
+            return int(args.func(args) or 0)
     except MotifVideoError as e:
-        print(f"error: {e}", file=sys.stderr)
+        message = " ".join(str(e).split())  # always one line, whatever a wrapped library message held
+        print(f"error: {message}", file=sys.stderr)
         return 2
+    except Terminated:
+        print("terminated", file=sys.stderr)
+        return 128 + signal.SIGTERM
     except (KeyboardInterrupt, GenerationInterrupted):
         print("interrupted", file=sys.stderr)
         return 130

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 from ..nano.plan import NanoPlan
 
@@ -49,6 +50,11 @@ def run(args) -> int:
                           "installed with `pip install -e .`")
     if min(args.clips, args.images, args.codec_steps, args.teacher_steps, *args.stage_steps) < 1:
         raise ConfigError("clip/image counts and step counts must be >= 1")
+    # Reused parts are checked before the dataset is made, not after.
+    for flag, folder in (("--codec-from", args.codec_from), ("--teacher-from", args.teacher_from)):
+        if folder is not None and not (Path(folder) / "config.json").is_file():
+            what = "not found" if not Path(folder).exists() else "is not a trained folder (no config.json)"
+            raise ConfigError(f"{flag} {folder} {what}")
     sampling_steps = NanoPlan().generation["num_inference_steps"]
     if not 0 <= args.encoder_budget <= sampling_steps:
         raise ConfigError(f"--encoder-budget must be in [0, {sampling_steps}] (the model's sampling steps)")

@@ -68,10 +68,37 @@ class GenerationDefaults:
             return cls()
         try:
             data = json.loads(path.read_text())
-        except json.JSONDecodeError as e:
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise CheckpointError(f"{path} is not valid JSON: {e}") from None
-        known = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in data.get("generation", data).items() if k in known})
+        data = data.get("generation", data) if isinstance(data, dict) else data
+        if not isinstance(data, dict):
+            raise CheckpointError(f"{path} must hold a JSON object of generation settings")
+        values = {}
+        for f in fields(cls):
+            if f.name in data:
+                values[f.name] = _setting(path, f.name, data[f.name], getattr(cls(), f.name))
+        return cls(**values)
+
+
+def _setting(path: Path, name: str, value, default):
+    """`value` checked against the type of the field's default, so a wrong type fails here, naming the file."""
+    def number(v):
+        return isinstance(v, (int, float)) and not isinstance(v, bool) and bool(np.isfinite(v))
+
+    if isinstance(default, bool):
+        ok, want = isinstance(value, bool), "true or false"
+    elif isinstance(default, int):
+        ok, want = number(value) and float(value).is_integer() and value >= 1, "whole number >= 1"
+    elif isinstance(default, float):
+        ok, want = number(value), "finite number"
+    elif isinstance(default, str):
+        ok, want = isinstance(value, str), "string"
+    else:  # encoder_refresh
+        ok = value is None or isinstance(value, list) and all(isinstance(v, int) and v >= 0 for v in value)
+        want = "list of step numbers"
+    if not ok:
+        raise CheckpointError(f"{path}: {name} = {json.dumps(value)} is not a valid setting (expected a {want})")
+    return int(value) if isinstance(default, int) and not isinstance(default, bool) else value
 
 
 def _component_class(library: str, name: str):
@@ -130,16 +157,47 @@ def load_component(folder: Path, index: dict, part: str, **kwargs):
 
 
 def default_device_dtype(device: str | None, dtype: torch.dtype | None) -> tuple[torch.device, torch.dtype]:
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = check_device(device) if device else torch.device("cuda" if torch.cuda.is_available() else "cpu")
     # fp32 on CPU: bf16 matmuls there run hundreds of times slower.
     return device, dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
+
+
+def check_device(name: str) -> torch.device:
+    """The torch device `name` names, if this machine has it; a one-line error otherwise."""
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise MotifVideoError(f"unknown device {name!r}: use cpu, cuda, cuda:N or mps") from None
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise MotifVideoError(f"device {name!r}: no CUDA device is available on this machine; use --device cpu")
+        if device.index is not None and device.index >= count:
+            raise MotifVideoError(f"device {name!r}: this machine has {count} CUDA device(s), cuda:0..cuda:{count - 1}")
+    elif device.type == "mps":
+        if not torch.backends.mps.is_available():
+            raise MotifVideoError(f"device {name!r}: MPS (Apple GPU) is not available on this machine")
+    elif device.type != "cpu":
+        raise MotifVideoError(f"device {name!r} is not supported: use cpu, cuda, cuda:N or mps")
+    return device
 
 
 def check_video_size(height: int, width: int, num_frames: int, temporal: int = 4, spatial: int = 16) -> None:
     if num_frames < 1 or (num_frames - 1) % temporal:
         raise MotifVideoError(f"frames must be {temporal}k+1 (e.g. 17, 33, 121), got {num_frames}")
-    if height < spatial or width < spatial or height % spatial or width % spatial:
-        raise MotifVideoError(f"height and width must be positive multiples of {spatial}, got {height}x{width}")
+    for name, value in (("height", height), ("width", width)):
+        if value < spatial or value % spatial:
+            raise MotifVideoError(f"{name} must be a positive multiple of {spatial}, got {value}")
+
+
+def check_sampling(steps: int, guidance_scale: float | None = None, shift: float | None = None) -> None:
+    """Step count and the float knobs of sampling; NaN or infinity would only surface as a black video."""
+    if not isinstance(steps, int) or steps < 1:
+        raise MotifVideoError(f"steps must be >= 1, got {steps}")
+    if guidance_scale is not None and not np.isfinite(guidance_scale):
+        raise MotifVideoError(f"guidance scale must be a finite number, got {guidance_scale}")
+    if shift is not None and not (np.isfinite(shift) and shift > 0):
+        raise MotifVideoError(f"shift must be a finite number > 0, got {shift}")
 
 
 def initial_noise(shape: tuple[int, ...], generator) -> torch.Tensor:
@@ -309,10 +367,12 @@ class MotifVideoPipeline:
         """
         d = self.defaults
         prompts = check_prompt(prompt)
-        height, width = height or d.height, width or d.width
-        num_frames = num_frames or d.num_frames
-        steps = num_inference_steps or d.num_inference_steps
+        height = d.height if height is None else height
+        width = d.width if width is None else width
+        num_frames = d.num_frames if num_frames is None else num_frames
+        steps = d.num_inference_steps if num_inference_steps is None else num_inference_steps
         scale = d.guidance_scale if guidance_scale is None else guidance_scale
+        check_sampling(steps, scale, shift)
         check_video_size(height, width, num_frames, self.codec.temporal_factor,
                          self.codec.spatial_factor * self.transformer.config.patch_size)
         if output_type not in ("np", "pt", "pil", "latent"):
@@ -381,6 +441,9 @@ class MotifVideoPipeline:
             if guidance is not None:
                 velocity = guidance(*velocity.chunk(2))
             before, latents = latents, scheduler.step(velocity, t, latents, return_dict=False)[0]
+            if not torch.isfinite(latents).all():  # NaN weights or an overflowing guidance: never a black video
+                raise MotifVideoError(f"sampling produced NaN or infinite values at step {i + 1} of {steps} (broken "
+                                      "weights, or a guidance scale / shift / dtype that overflows)")
             hooks.step_end(i, t, latents, before, velocity)
         hooks.close()
 
@@ -422,12 +485,14 @@ class MotifVideoPipeline:
         return {"defaults": asdict(self.defaults), "transformer": self.transformer.config.to_dict()}
 
 
-def generate_to_file(pipe: MotifVideoPipeline, path: str | Path, fps: int | None = None, **kwargs) -> dict:
+def generate_to_file(pipe: MotifVideoPipeline, path: str | Path, fps: int | None = None, overwrite: bool = False,
+                     **kwargs) -> dict:
     """Generate one clip and write it (mp4/gif/PNG folder); returns timing facts. No partial file on failure."""
     from .video_io import write_video
 
     start = time.perf_counter()
     frames = pipe(output_type="np", **kwargs)[0]
-    write_video((frames * 255).round().astype(np.uint8), path, fps=fps or pipe.defaults.fps)
+    write_video((frames * 255).round().astype(np.uint8), path, fps=pipe.defaults.fps if fps is None else fps,
+                overwrite=overwrite)
     return {"seconds": time.perf_counter() - start, "frames": frames.shape[0], "height": frames.shape[1],
             "width": frames.shape[2]}
