@@ -84,5 +84,5 @@ def run(args) -> int:
     n_main = sum(t == qtype for t in plan.values())
     kept = sorted({t.name for t in plan.values() if t != qtype})
     kept_note = f", {len(plan) - n_main} kept in {'/'.join(kept)}" if kept else ""
-    print(f"wrote {out} ({_size(out.stat().st_size)}, {form} layout): {n_main} tensors in {qtype.name}{kept_note}")
+    print(f"wrote {out} ({_size(out.stat().st_size)}, {'diffusers' if form == 'untied' else 'tied'} layout): {n_main} tensors in {qtype.name}{kept_note}")
     return 0

@@ -351,6 +351,8 @@ def write_dataset(
     if size < 16 or size % 2 or size > MAX_SIZE:
         raise MotifVideoError(f"size must be an even number in [16, {MAX_SIZE}] (H.264 4:2:0 needs even sides), "
                               f"got {size}")
+    if not (isinstance(fps, (int, float)) and 0 < fps < float("inf")):
+        raise MotifVideoError(f"fps must be a positive number, got {fps}")
     _check_render_memory(frames, size)
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
