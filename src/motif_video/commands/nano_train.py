@@ -20,24 +20,25 @@ def register(subparsers) -> None:
     )
     p.add_argument("out_dir", help="working folder (created)")
     plan = NanoPlan()
-    p.add_argument("--seed", type=int, default=plan.seed)
+    p.add_argument("--seed", type=int, default=plan.seed, help="seed of the data, initialisations and sampling")
     p.add_argument("--clips", type=int, default=plan.clips, help="training clips to generate")
     p.add_argument("--images", type=int, default=plan.images, help="training images to generate")
-    p.add_argument("--codec-steps", type=int, default=plan.codec_steps)
+    p.add_argument("--codec-steps", type=int, default=plan.codec_steps, help="latent codec training steps")
     p.add_argument("--codec-budget", type=float, default=plan.codec_budget_s,
                    help="codec training time limit in seconds")
-    p.add_argument("--teacher-steps", type=int, default=plan.teacher_steps)
+    p.add_argument("--teacher-steps", type=int, default=plan.teacher_steps,
+                   help="REPA teacher training steps")
     p.add_argument("--stage-steps", type=int, nargs=3, default=list(plan.stage_steps), metavar=("S1", "S2", "S3"),
                    help="transformer steps of the three curriculum stages")
     p.add_argument("--eval-prompts", type=int, default=plan.eval_prompts,
                    help="held-out prompts to evaluate (0: skip)")
     p.add_argument("--eval-steps", type=int, default=plan.eval_steps, help="sampling steps during evaluation")
     p.add_argument("--encoder-budget", type=int, default=plan.encoder_budget,
-                   help="encoder runs per video of the calibrated encoder-reuse schedule saved as the model's "
-                        "default (0: exact sampling by default)")
+                   help="encoder runs per video of the calibrated encoder-reuse schedule saved with the model "
+                        "(0: exact sampling)")
     p.add_argument("--codec-from", default=None, help="reuse a trained codec folder instead of training one")
     p.add_argument("--teacher-from", default=None, help="reuse a trained teacher folder instead of training one")
-    p.add_argument("--quiet", action="store_true")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=run)
 
 
