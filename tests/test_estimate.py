@@ -242,8 +242,8 @@ def test_cli_table_and_model_folder(capsys, tmp_path):
 
 @pytest.mark.parametrize("argv, words", [
     (["--frames", "120"], "4k+1"),
-    (["--height", "730"], "multiples of 16"),
-    (["--width", "0"], "multiples of 16"),
+    (["--height", "730"], "multiple of 16"),
+    (["--width", "0"], "multiple of 16"),
     (["--dtype", "int8"], "unknown dtype"),
     (["--mfu", "1.5"], "MFU"),
     (["--encoder-reuse", "0"], "encoder reuse"),

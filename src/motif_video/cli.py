@@ -5,9 +5,12 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import signal
 import sys
+import warnings
 
-from .errors import GenerationInterrupted, MotifVideoError
+from .errors import GenerationInterrupted, MotifVideoError, MotifVideoWarning
+from .files import Terminated, terminate_as_interrupt
 
 # Subcommand modules, in the order `--help` lists them.
 COMMANDS = [
@@ -29,6 +32,17 @@ COMMANDS = [
 ]
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows an option's default once: not when its help already says what the default is, and not for unset
+    (None) or off (False) defaults, which would only print "(default: None)"."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if "default" in text.lower() or action.default in (None, False, argparse.SUPPRESS):
+            return text
+        return super()._get_help_string(action)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="motif-video",
@@ -43,7 +57,17 @@ def build_parser() -> argparse.ArgumentParser:
                 continue  # not built yet
             raise
         module.register(sub)
+    for command in sub.choices.values():
+        if command.formatter_class is argparse.ArgumentDefaultsHelpFormatter:
+            command.formatter_class = HelpFormatter
     return parser
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None, _default=warnings.showwarning):
+    if issubclass(category, MotifVideoWarning):
+        print(f"warning: {message}", file=sys.stderr)
+    else:
+        _default(message, category, filename, lineno, file, line)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -53,10 +77,18 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     try:
-        return int(args.func(args) or 0)
+        # SIGTERM unwinds like Ctrl-C, so half-written outputs are removed on the way out.
+        with terminate_as_interrupt(), warnings.catch_warnings():
+            warnings.simplefilter("always", MotifVideoWarning)
+            warnings.showwarning = _show_warning
+            return int(args.func(args) or 0)
     except MotifVideoError as e:
-        print(f"error: {e}", file=sys.stderr)
+        message = " ".join(str(e).split())  # always one line, whatever a wrapped library message held
+        print(f"error: {message}", file=sys.stderr)
         return 2
+    except Terminated:
+        print("terminated", file=sys.stderr)
+        return 128 + signal.SIGTERM
     except (KeyboardInterrupt, GenerationInterrupted):
         print("interrupted", file=sys.stderr)
         return 130

@@ -20,3 +20,14 @@ class GenerationInterrupted(Exception):
     def __init__(self, step: int):
         super().__init__(f"generation interrupted after step {step}")
         self.step = step
+
+
+class MotifVideoWarning(UserWarning):
+    """Something the user should know that does not stop the work (a prompt cut to the encoder's length, a dtype
+    that runs slowly on this device). The CLI prints it as one `warning: ...` line."""
+
+
+def warn(message: str) -> None:
+    import warnings
+
+    warnings.warn(message, MotifVideoWarning, stacklevel=2)

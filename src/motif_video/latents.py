@@ -26,8 +26,9 @@ def check_video_size(height: int, width: int, num_frames: int, temporal: int = V
     """One-line errors for a size the VAE (`temporal`k+1 frames) and the patch grid (`spatial` pixels) reject."""
     if num_frames < 1 or (num_frames - 1) % temporal:
         raise MotifVideoError(f"frames must be {temporal}k+1 (e.g. 17, 33, 121), got {num_frames}")
-    if height < spatial or width < spatial or height % spatial or width % spatial:
-        raise MotifVideoError(f"height and width must be positive multiples of {spatial}, got {height}x{width}")
+    for name, value in (("height", height), ("width", width)):
+        if value < spatial or value % spatial:
+            raise MotifVideoError(f"{name} must be a positive multiple of {spatial}, got {value}")
 
 
 def latent_shape(num_frames: int, height: int, width: int, temporal: int = VAE_TEMPORAL,

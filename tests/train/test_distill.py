@@ -212,7 +212,7 @@ def test_the_nano_students_defaults_cost_8x_fewer_transformer_flops_than_the_tea
     from motif_video.flops import encoder_runs, forward_flops
     from motif_video.model.config import TransformerConfig
     from motif_video.nano.distill import student_defaults
-    from motif_video.pipeline.pipeline import GenerationDefaults
+    from motif_video.model_folder import GenerationDefaults
 
     teacher = GenerationDefaults.from_folder(NANO)
     student = GenerationDefaults(**student_defaults(dataclasses.asdict(teacher)))
@@ -231,8 +231,8 @@ def test_the_nano_students_defaults_cost_8x_fewer_transformer_flops_than_the_tea
 def test_built_in_model_names_and_the_students_pointers(tmp_path):
     from motif_video.errors import CheckpointError
     from motif_video.hub import resolve_model_dir
+    from motif_video.model_folder import component_path
     from motif_video.nano.distill import component_pointer
-    from motif_video.pipeline.pipeline import component_path
 
     assert resolve_model_dir("motif-video-nano") == NANO
     try:

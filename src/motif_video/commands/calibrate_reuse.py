@@ -34,14 +34,24 @@ def run(args) -> int:
     from ..errors import MotifVideoError
     from ..pipeline.encoder_schedule import (CALIBRATION_PROMPTS, fallback_reuse, measure_drift, plan_refresh,
                                              reuse_error, save_schedule, uniform_refresh)
-    from ..pipeline.pipeline import MotifVideoPipeline
+    from ..files import check_writable_dir
+    from ..pipeline.pipeline import MotifVideoPipeline, check_sampling
 
+    if args.steps is not None:
+        check_sampling(args.steps)
+    for name, value in (("--height", args.height), ("--width", args.width), ("--frames", args.frames)):
+        if value is not None and value < 1:
+            raise MotifVideoError(f"{name} must be >= 1, got {value}")
+    if args.budget < 1:
+        raise MotifVideoError(f"--budget must be >= 1, got {args.budget}")
+    if args.write:
+        if not Path(args.model).is_dir():
+            raise MotifVideoError(f"--write needs a local model folder, got {args.model}")
+        check_writable_dir(args.model, "schedule")  # before minutes of sampling, not after
     pipe = MotifVideoPipeline.from_pretrained(args.model, device=args.device)
-    steps = args.steps or pipe.defaults.num_inference_steps
+    steps = pipe.defaults.num_inference_steps if args.steps is None else args.steps
     if not 1 <= args.budget <= steps:
         raise MotifVideoError(f"--budget must be in [1, {steps}], got {args.budget}")
-    if args.write and not Path(args.model).is_dir():
-        raise MotifVideoError(f"--write needs a local model folder, got {args.model}")
     if args.write and steps != pipe.defaults.num_inference_steps:
         raise MotifVideoError(f"--write stores a schedule for the default step count "
                               f"({pipe.defaults.num_inference_steps}); drop --steps")

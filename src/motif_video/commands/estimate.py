@@ -222,6 +222,25 @@ def activation_bytes(config, num_video: int, text_tokens: int, image_tokens: int
             "value_bytes": value_bytes, "batch": batch}
 
 
+def available_memory(device) -> int:
+    """Bytes free for new allocations on `device` (a torch.device): the GPU's free memory, or the machine's
+    available RAM (MemAvailable: free plus reclaimable cache)."""
+    if device.type == "cuda":
+        import torch
+
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    import os
+
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
 # -- the whole estimate -------------------------------------------------------------------------------------------
 def estimate(config, height: int, width: int, frames: int, *, dtypes=("bf16",), steps: int = 50,
              guidance: bool = True, text_tokens: int = 512, image_tokens: int = 0, prompts: int = 1,

@@ -37,6 +37,12 @@ def run(args) -> int:
     from ..errors import MotifVideoError
     from ..eval.report import evaluate, load_items, markdown_table, shuffle_prompts, write_report
 
+    from ..files import check_writable_dir
+
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise MotifVideoError(f"--out {out} is an existing file; give a folder")
+    check_writable_dir(next(p for p in (out.absolute(), *out.absolute().parents) if p.exists()), "report")
     if args.image_to_video:
         return _run_image_to_video(args)
     items = load_items(args.source)

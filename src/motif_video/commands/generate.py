@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import time
 from pathlib import Path
 
@@ -26,7 +27,12 @@ def register(subparsers) -> None:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     p.add_argument("prompt", help="what the video shows")
-    p.add_argument("-o", "--output", required=True, help="output file: .mp4 (H.264), .gif, or a folder for PNG frames")
+    p.add_argument("-o", "--output", required=True,
+                   help="output file: .mp4 (H.264), .gif, or a folder for PNG frames. An existing file is replaced "
+                        "once the new one is complete; an existing folder only if it is empty or holds a previous "
+                        "frame output (see --overwrite)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an existing frame folder that holds our video.json even when other files are in it")
     p.add_argument("--model", default=None,
                    help="model folder, hub id, or a built-in name: motif-video-nano (the default) or "
                         "motif-video-nano-fast (its 4-step distilled student)")
@@ -77,37 +83,51 @@ def _step_list(text: str) -> list[int]:
 def run(args) -> int:
     import torch
 
-    from ..errors import MotifVideoError
-    from ..latents import PIXELS_PER_TOKEN, check_video_size
+    from ..errors import MotifVideoError, warn
+    from ..latents import check_video_size
     from ..lora.loader import apply_lora_specs, check_adapters_fit, read_lora_specs
     from ..model.backends import attention_backend, set_attention_backend
-    from ..pipeline.pipeline import MotifVideoPipeline, generate_to_file
+    from ..model_folder import default_device_dtype
+    from ..pipeline.pipeline import MotifVideoPipeline, check_sampling, generate_to_file
     from ..pipeline.text import check_prompt
+    from ..pipeline.video_io import check_output
 
-    # Cheap checks first, so bad input fails before any model loads.
+    # Cheap checks first, so bad input fails before any model loads and before minutes of work.
     check_prompt(args.prompt)
-    if args.frames is not None or args.height is not None or args.width is not None:
-        check_video_size(args.height or PIXELS_PER_TOKEN, args.width or PIXELS_PER_TOKEN, args.frames or 1)
-    if args.image is not None and not Path(args.image).is_file():
-        raise MotifVideoError(f"image file not found: {args.image}")
-    if args.gguf is not None and not Path(args.gguf).is_file():
-        raise MotifVideoError(f"GGUF file not found: {args.gguf}")
+    _check_given_size(args, check_video_size)
+    if args.steps is not None or args.guidance_scale is not None or args.shift is not None:
+        check_sampling(1 if args.steps is None else args.steps, args.guidance_scale, args.shift)
+    if args.fps is not None and args.fps < 1:
+        raise MotifVideoError(f"--fps must be >= 1, got {args.fps}")
+    if args.encoder_reuse is not None and args.encoder_reuse < 1:
+        raise MotifVideoError(f"--encoder-reuse must be >= 1, got {args.encoder_reuse}")
+    if not 0 <= args.seed < 2**64:
+        raise MotifVideoError(f"--seed must be in [0, 2^64), got {args.seed}")
+    for flag, value, what in (("--image", args.image, "image"), ("--gguf", args.gguf, "GGUF")):
+        if value is not None and Path(value).is_dir():
+            raise MotifVideoError(f"{flag} {value} is a folder; give the {what} file")
+        if value is not None and not Path(value).is_file():
+            raise MotifVideoError(f"{what} file not found: {value}")
     loras = read_lora_specs(args.lora or [])
     out = Path(args.output)
-    if out.suffix.lower() not in (".mp4", ".gif", ""):
-        raise MotifVideoError(f"unsupported output {out.name}: use .mp4, .gif, or a folder name for PNG frames")
+    check_output(args.output, overwrite=args.overwrite)
     model = args.model
     if model is None:
         if not (DEFAULT_MODEL_DIR / "model_index.json").is_file():
             raise MotifVideoError("no default model is shipped in this installation; pass --model FOLDER")
         model = DEFAULT_MODEL_DIR
     check_adapters_fit(model, loras, gguf=args.gguf is not None)
+    device, dtype = default_device_dtype(args.device, getattr(torch, DTYPES[args.dtype]) if args.dtype else None)
+    if device.type == "cpu" and dtype != torch.float32:
+        warn(f"{args.dtype} on the CPU runs many times slower than fp32 (no fast half-precision matmuls there)")
+    if args.compile and device.type == "cpu":
+        warn("--compile on the CPU needs a C++ compiler and usually runs slower than without it; it pays off on CUDA")
+    check_memory(model, device, dtype, args)
 
     backend = attention_backend(args.attention)  # a missing kernel package fails before any model loads
 
     started = time.perf_counter()
-    dtype = getattr(torch, DTYPES[args.dtype]) if args.dtype else None
-    pipe = MotifVideoPipeline.from_pretrained(model, gguf=args.gguf, device=args.device, dtype=dtype,
+    pipe = MotifVideoPipeline.from_pretrained(model, gguf=args.gguf, device=str(device), dtype=dtype,
                                               offload=args.offload)
     set_attention_backend(pipe.transformer, backend)
     apply_lora_specs(pipe, loras)
@@ -117,13 +137,70 @@ def run(args) -> int:
         pipe.compile_transformer()
     generator = torch.Generator().manual_seed(args.seed)
     facts = generate_to_file(
-        pipe, out, fps=args.fps, prompt=args.prompt, negative_prompt=args.negative_prompt, image=args.image,
-        height=args.height, width=args.width, num_frames=args.frames, num_inference_steps=args.steps,
+        pipe, out, fps=args.fps, overwrite=args.overwrite, prompt=args.prompt, negative_prompt=args.negative_prompt,
+        image=args.image, height=args.height, width=args.width, num_frames=args.frames, num_inference_steps=args.steps,
         guidance_scale=args.guidance_scale, guider=args.guider, shift=args.shift, solver=args.solver,
-        encoder_reuse=args.encoder_reuse, encoder_refresh=args.encoder_refresh, batch_guidance=False if args.sequential_guidance else None,
-        generator=generator, progress=not args.quiet,
+        encoder_reuse=args.encoder_reuse, encoder_refresh=args.encoder_refresh,
+        batch_guidance=False if args.sequential_guidance else None, generator=generator, progress=not args.quiet,
     )
     total = time.perf_counter() - started
     print(f"wrote {out} ({facts['frames']} frames, {facts['width']}x{facts['height']}) in {total:.1f} s "
           f"({facts['seconds']:.1f} s generating)")
     return 0
+
+
+def _check_given_size(args, check_video_size) -> None:
+    """The sizes the user gave, each on its own: a missing one takes the model's default later, so it must not be
+    filled with a placeholder here (that once made `--height 60` report "got 60x16")."""
+    from ..errors import MotifVideoError
+
+    for name, value in (("--height", args.height), ("--width", args.width), ("--frames", args.frames)):
+        if value is not None and value < 1:
+            raise MotifVideoError(f"{name} must be >= 1, got {value}")
+    if args.frames is not None:
+        check_video_size(16, 16, args.frames)
+    for name, value in (("height", args.height), ("width", args.width)):
+        if value is not None and value % 16:
+            raise MotifVideoError(f"{name} must be a positive multiple of 16, got {value}")
+
+
+def required_memory(config, defaults, dtype, height: int, width: int, frames: int, guidance: bool,
+                    vae_channels: int = 96) -> int:
+    """Bytes a generation needs at its peak, roughly: the transformer's weights and activations as `motif-video
+    estimate` computes them, plus the VAE decoder's widest activations (its first stage holds about three
+    `vae_channels`-wide fp32 tensors over a 4-frame chunk at full resolution) and the decoded video (float32, held
+    about four times over while it is scaled, clamped and permuted to frames)."""
+    import torch
+
+    from .estimate import estimate
+
+    name = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype]
+    result = estimate(config, height, width, frames, dtypes=(name,), steps=1, guidance=guidance,
+                      text_tokens=defaults.max_sequence_length)
+    pixels = height * width
+    return result["memory"][name]["total_bytes"] + 3 * vae_channels * 4 * pixels * 4 + 4 * frames * pixels * 3 * 4
+
+
+def check_memory(model, device, dtype, args) -> None:
+    """Refuse at once a size whose generation cannot fit in memory (instead of failing after minutes of work)."""
+    from ..convert.checkpoint import load_any_config
+    from ..errors import MotifVideoError
+    from ..model_folder import ModelFolder
+    from .estimate import available_memory
+
+    model_folder = ModelFolder(model)
+    folder, defaults = model_folder.path, model_folder.defaults
+    config = load_any_config(folder)
+    height = defaults.height if args.height is None else args.height
+    width = defaults.width if args.width is None else args.width
+    frames = defaults.num_frames if args.frames is None else args.frames
+    scale = defaults.guidance_scale if args.guidance_scale is None else args.guidance_scale
+    try:
+        vae_channels = int(json.loads((folder / "vae" / "config.json").read_text()).get("base_dim", 96))
+    except (OSError, ValueError, TypeError, AttributeError):
+        vae_channels = 96  # an unreadable VAE config fails with its own message when the model loads
+    need = required_memory(config, defaults, dtype, height, width, frames, scale != 1.0, vae_channels)
+    have = available_memory(device)
+    if need > have:
+        raise MotifVideoError(f"{width}x{height} with {frames} frames needs about {need / 2**30:.1f} GiB of memory "
+                              f"on {device}, but only {have / 2**30:.1f} GiB is available; lower the size or frames")

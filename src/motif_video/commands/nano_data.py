@@ -21,7 +21,7 @@ def register(subparsers) -> None:
     p.add_argument("--frames", type=int, default=17, help="frames per clip (4k+1 matches the Wan VAE)")
     p.add_argument("--size", type=int, default=64, help="frame side in pixels (even)")
     p.add_argument("--fps", type=float, default=24.0, help="frame rate written into the clips")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="random seed of the shapes, colours and motions")
     p.add_argument("--eval-prompts", type=int, default=210,
                    help="also write heldout_prompts.jsonl with this many held-out-wording prompts (0: none); "
                         "210 covers every colour x shape x motion x size once")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 from ..nano.plan import NanoPlan
 
@@ -19,13 +20,14 @@ def register(subparsers) -> None:
     )
     p.add_argument("out_dir", help="working folder (created)")
     plan = NanoPlan()
-    p.add_argument("--seed", type=int, default=plan.seed)
+    p.add_argument("--seed", type=int, default=plan.seed, help="seed of the data, initialisations and sampling")
     p.add_argument("--clips", type=int, default=plan.clips, help="training clips to generate")
     p.add_argument("--images", type=int, default=plan.images, help="training images to generate")
-    p.add_argument("--codec-steps", type=int, default=plan.codec_steps)
+    p.add_argument("--codec-steps", type=int, default=plan.codec_steps, help="latent codec training steps")
     p.add_argument("--codec-budget", type=float, default=plan.codec_budget_s,
                    help="codec training time limit in seconds")
-    p.add_argument("--teacher-steps", type=int, default=plan.teacher_steps)
+    p.add_argument("--teacher-steps", type=int, default=plan.teacher_steps,
+                   help="REPA teacher training steps")
     p.add_argument("--stage-steps", type=int, nargs=3, default=list(plan.stage_steps), metavar=("S1", "S2", "S3"),
                    help="transformer steps of the three curriculum stages")
     p.add_argument("--eval-prompts", type=int, default=plan.eval_prompts,
@@ -34,11 +36,11 @@ def register(subparsers) -> None:
     p.add_argument("--i2v-eval-clips", type=int, default=plan.i2v_eval_clips,
                    help="held-out first frames to evaluate image-to-video on (0: skip)")
     p.add_argument("--encoder-budget", type=int, default=plan.encoder_budget,
-                   help="encoder runs per video of the calibrated encoder-reuse schedule saved as the model's "
-                        "default (0: exact sampling by default)")
+                   help="encoder runs per video of the calibrated encoder-reuse schedule saved with the model "
+                        "(0: exact sampling)")
     p.add_argument("--codec-from", default=None, help="reuse a trained codec folder instead of training one")
     p.add_argument("--teacher-from", default=None, help="reuse a trained teacher folder instead of training one")
-    p.add_argument("--quiet", action="store_true")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=run)
 
 
@@ -51,6 +53,11 @@ def run(args) -> int:
                           "installed with `pip install -e .`")
     if min(args.clips, args.images, args.codec_steps, args.teacher_steps, *args.stage_steps) < 1:
         raise ConfigError("clip/image counts and step counts must be >= 1")
+    # Reused parts are checked before the dataset is made, not after.
+    for flag, folder in (("--codec-from", args.codec_from), ("--teacher-from", args.teacher_from)):
+        if folder is not None and not (Path(folder) / "config.json").is_file():
+            what = "not found" if not Path(folder).exists() else "is not a trained folder (no config.json)"
+            raise ConfigError(f"{flag} {folder} {what}")
     sampling_steps = NanoPlan().generation["num_inference_steps"]
     if not 0 <= args.encoder_budget <= sampling_steps:
         raise ConfigError(f"--encoder-budget must be in [0, {sampling_steps}] (the model's sampling steps)")

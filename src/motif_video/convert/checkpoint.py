@@ -15,6 +15,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from ..errors import CheckpointError, ConfigError
+from ..files import atomic_file
 from ..hub import resolve_model_dir
 from .layouts import detect_layout, to_model_layout
 
@@ -144,9 +145,8 @@ def save_transformer_folder(model, folder, max_shard_size: int) -> Path:
 
 
 def _atomic_write(path: Path, write) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    write(tmp)
-    os.replace(tmp, path)
+    with atomic_file(path) as tmp:
+        write(tmp)
 
 
 def load_any_config(config):

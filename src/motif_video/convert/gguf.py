@@ -14,7 +14,6 @@ Block layouts follow the `gguf` package's numpy reference (gguf/quants.py); the 
 from __future__ import annotations
 
 import json
-import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,7 +26,9 @@ from gguf import GGML_QUANT_SIZES, GGML_QUANT_VERSION, QK_K, GGMLQuantizationTyp
 
 from ..errors import CheckpointError, MotifVideoError
 from ..model_folder import default_dtype
+from ..files import atomic_file
 from .checkpoint import build_on_meta, check_state_dict, load_any_config
+from .layouts import detect_layout
 
 Q = GGMLQuantizationType
 ARCHITECTURE = "motif_video"
@@ -348,8 +349,10 @@ def load_gguf_transformer(cls, path, config=None, *, compute_dtype: torch.dtype 
     compute_dtype = compute_dtype or default_dtype(device)
     tensors, metadata = read_gguf(path)
     cfg = load_any_config(config) if config is not None else _config_from_metadata(metadata, path)
-    if cfg.cross_attention_form != "untied":  # GGUF files carry diffusers key names
-        cfg = cfg.replace(cross_attention_form="untied")
+    # GGUF files carry diffusers key names, or the tied form's where the query LayerNorm cannot fold into diffusers'
+    form = "tied" if detect_layout(tensors) == "tied" else "untied"
+    if cfg.cross_attention_form != form:
+        cfg = cfg.replace(cross_attention_form=form)
     model = build_on_meta(cls, cfg)
     check_state_dict(model, tensors, f"GGUF file {path}")
 
@@ -449,18 +452,15 @@ def write_gguf(state_dict: dict[str, torch.Tensor], path: str | Path, qtype: Q, 
         # dtype float32 tells the writer `shape` is in elements (for uint8 it would read bytes)
         writer.add_tensor_info(name, shape, np.dtype(np.float32), nbytes(shape, plan[name]), raw_dtype=plan[name])
 
-    tmp = path.with_name(path.name + ".tmp")
     path.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        writer.open_output_file(tmp)
-        writer.write_header_to_file()
-        writer.write_kv_data_to_file()
-        writer.write_ti_data_to_file()
-        for name in tqdm(shapes, desc=f"quantising to {qtype.name}", unit="tensor", disable=not progress):
-            writer.write_tensor_data(_encode(state_dict[name], plan[name]))
-        writer.close()
-        os.replace(tmp, path)
-    finally:
-        writer.close()
-        tmp.unlink(missing_ok=True)
+    with atomic_file(path) as tmp:
+        try:
+            writer.open_output_file(tmp)
+            writer.write_header_to_file()
+            writer.write_kv_data_to_file()
+            writer.write_ti_data_to_file()
+            for name in tqdm(shapes, desc=f"quantising to {qtype.name}", unit="tensor", disable=not progress):
+                writer.write_tensor_data(_encode(state_dict[name], plan[name]))
+        finally:
+            writer.close()
     return path

@@ -10,7 +10,8 @@ from typing import Callable
 
 import numpy as np
 
-from ..errors import MotifVideoError
+from ..errors import MotifVideoError, warn
+from ..files import atomic_write_text
 from ..records import JSONL_SUFFIXES, read_jsonl
 from ..pipeline.video_io import FOLDER_META, MEDIA_EXTENSIONS, read_video
 from .metrics import measure_clip, score_clip
@@ -41,15 +42,20 @@ def load_items(source) -> list[dict]:
     if not source.exists():
         raise MotifVideoError(f"{source} does not exist")
     if source.is_dir():
-        items = []
+        items, uncaptioned = [], []
         for p in sorted(source.iterdir()):
             is_media = p.is_file() and p.suffix.lower() in MEDIA_EXTENSIONS
             is_frames = p.is_dir() and (p / FOLDER_META).is_file()
             caption = p.with_suffix(".txt") if p.is_file() else p.parent / f"{p.name}.txt"
             if (is_media or is_frames) and caption.is_file():
                 items.append({"path": p, "prompt": caption.read_text().strip()})
+            elif is_media or is_frames:
+                uncaptioned.append(p.name)
         if not items:
             raise MotifVideoError(f"{source} holds no clips with a same-name .txt prompt")
+        if uncaptioned:
+            warn(f"skipping {len(uncaptioned)} clip(s) without a same-name .txt prompt: "
+                 f"{', '.join(uncaptioned[:3])}{', ...' if len(uncaptioned) > 3 else ''}")
         return items
     if source.suffix.lower() not in JSONL_SUFFIXES:
         raise MotifVideoError(f"{source} must be a folder of clips + .txt prompts or a .jsonl file")
@@ -222,11 +228,14 @@ def write_report(results: dict, out_dir, title: str = "motif-video eval") -> dic
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
         raise MotifVideoError(f"{out} exists and is not a folder")
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise MotifVideoError(f"cannot create the report folder {out}: {e.strerror or e}") from None
     # clip paths relative to the report folder, so the file names nothing of the machine that wrote it
     stored = {**results, "clips": [{**c, "path": os.path.relpath(c["path"], out)} for c in results["clips"]]}
-    (out / "results.json").write_text(json.dumps(stored, indent=2) + "\n")
-    (out / "report.md").write_text(markdown_table(results, title))
+    atomic_write_text(out / "results.json", json.dumps(stored, indent=2) + "\n")
+    atomic_write_text(out / "report.md", markdown_table(results, title))
     s = results["summary"]
     bar_chart([(label, s[key]) for key, label, _ in DIMENSIONS], f"{title}: {s['clips']} clips", out / "summary.png")
     bars, groups = [], []

@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..errors import ConfigError
+from ..errors import ConfigError, MotifVideoWarning
 
 # Keys diffusers writes into config.json that are bookkeeping, not architecture.
 _BOOKKEEPING_KEYS = {"_class_name", "_diffusers_version", "_name_or_path", "_use_default_values"}
@@ -48,8 +49,29 @@ class TransformerConfig:
     cross_attention_query_bias: bool = True
 
     def __post_init__(self):
+        self._check_types()
         self.rope_axes_dim = tuple(int(d) for d in self.rope_axes_dim)
         self.validate()
+
+    def _check_types(self) -> None:
+        # A config.json with `"num_attention_heads": "four"` must fail here, naming the key, not deep in a layer.
+        def whole(v):
+            return isinstance(v, int) and not isinstance(v, bool)
+
+        def number(v):
+            return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            want = {"int": (whole, "a whole number"), "float": (number, "a finite number"),
+                    "str": (lambda v: isinstance(v, str), "a string"),
+                    "bool": (lambda v: isinstance(v, bool), "true or false"),
+                    "int | None": (lambda v: v is None or whole(v), "a whole number or null"),
+                    "tuple[int, int, int]": (lambda v: isinstance(v, (list, tuple)) and all(whole(d) for d in v),
+                                             "a list of whole numbers")}.get(str(f.type))
+            if want is not None and not want[0](value):
+                raise ConfigError(f"invalid transformer config: {f.name} = {json.dumps(value, default=str)} "
+                                  f"must be {want[1]}")
 
     # -- derived sizes -------------------------------------------------------------------------------------------
     @property
@@ -117,7 +139,8 @@ class TransformerConfig:
         unknown = sorted(k for k in d if k not in known and k not in _BOOKKEEPING_KEYS)
         if unknown:
             # diffusers ignores such keys with a warning; so do we, since the architecture is fully described.
-            warnings.warn(f"ignoring unknown transformer config keys: {', '.join(unknown)}", stacklevel=2)
+            warnings.warn(f"ignoring unknown transformer config keys: {', '.join(unknown)}", MotifVideoWarning,
+                          stacklevel=2)
         kwargs = {k: v for k, v in d.items() if k in known}
         try:
             return cls(**kwargs)
@@ -135,7 +158,10 @@ class TransformerConfig:
             raise ConfigError(f"transformer config {path} is not valid JSON: {e}") from None
         if not isinstance(data, dict):
             raise ConfigError(f"transformer config {path} must hold a JSON object")
-        return cls.from_dict(data)
+        try:
+            return cls.from_dict(data)
+        except ConfigError as e:
+            raise ConfigError(f"{path}: {e}") from None
 
     def replace(self, **changes) -> "TransformerConfig":
         return dataclasses.replace(self, **changes)

@@ -14,7 +14,6 @@ phrasing from understood attributes.
 from __future__ import annotations
 
 import json
-import os
 import re
 from dataclasses import asdict, dataclass
 from functools import lru_cache
@@ -24,6 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import MotifVideoError
+from ..files import atomic_write_text
 
 COLORS: dict[str, tuple[int, int, int]] = {
     "red": (220, 40, 40),
@@ -314,13 +314,24 @@ def _record(path: str, sample: Sample, fps: float) -> dict:
     }
 
 
-def _write_text_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.partial")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 _OWN_FILES = re.compile(r"^(clip|image)_\d+\.(mp4|png|txt)$")
+
+
+# The procedural data is for small models; beyond this a frame alone is hundreds of MB and H.264 levels run out.
+MAX_SIZE = 4096
+# Peak bytes per pixel per frame while one clip renders: four float32 (T, S, S) planes plus the uint8 RGB video.
+RENDER_BYTES_PER_PIXEL = 4 * 4 + 3
+
+
+def _check_render_memory(frames: int, size: int) -> None:
+    import torch
+
+    from ..commands.estimate import available_memory
+
+    need, have = frames * size * size * RENDER_BYTES_PER_PIXEL, available_memory(torch.device("cpu"))
+    if need > have:
+        raise MotifVideoError(f"a {frames}-frame clip of {size}x{size} needs about {need / 2**30:.1f} GiB to render "
+                              f"but only {have / 2**30:.1f} GiB of memory is available; lower --size or --frames")
 
 
 def write_dataset(
@@ -343,8 +354,12 @@ def write_dataset(
         raise MotifVideoError("ask for at least one clip or image (--clips / --images)")
     if frames < 2:
         raise MotifVideoError(f"clips need at least 2 frames, got {frames} (images are the 1-frame samples)")
-    if size < 16 or size % 2:
-        raise MotifVideoError(f"size must be an even number >= 16 (H.264 4:2:0 needs even sides), got {size}")
+    if size < 16 or size % 2 or size > MAX_SIZE:
+        raise MotifVideoError(f"size must be an even number in [16, {MAX_SIZE}] (H.264 4:2:0 needs even sides), "
+                              f"got {size}")
+    if not (isinstance(fps, (int, float)) and 0 < fps < float("inf")):
+        raise MotifVideoError(f"fps must be a positive number, got {fps}")
+    _check_render_memory(frames, size)
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
         raise MotifVideoError(f"{out} exists and is not a folder")
@@ -361,7 +376,7 @@ def write_dataset(
         sample = make_clip(i, seed, frames, size)
         name = f"clip_{i:05d}"
         write_video(sample.frames, out / f"{name}.mp4", fps=fps)
-        _write_text_atomic(out / f"{name}.txt", sample.caption + "\n")
+        atomic_write_text(out / f"{name}.txt", sample.caption + "\n")
         records.append(_record(f"{name}.mp4", sample, fps))
         if progress:
             progress(1)
@@ -369,13 +384,13 @@ def write_dataset(
         sample = make_image(i, seed, size)
         name = f"image_{i:05d}"
         write_video(sample.frames, out / f"{name}.png")
-        _write_text_atomic(out / f"{name}.txt", sample.caption + "\n")
+        atomic_write_text(out / f"{name}.txt", sample.caption + "\n")
         records.append(_record(f"{name}.png", sample, fps))
         if progress:
             progress(1)
-    _write_text_atomic(out / "metadata.jsonl", "".join(json.dumps(r) + "\n" for r in records))
+    atomic_write_text(out / "metadata.jsonl", "".join(json.dumps(r) + "\n" for r in records))
     if eval_prompts:
         prompts = heldout_prompts(eval_prompts, seed)
-        _write_text_atomic(out / "heldout_prompts.jsonl", "".join(json.dumps(p) + "\n" for p in prompts))
+        atomic_write_text(out / "heldout_prompts.jsonl", "".join(json.dumps(p) + "\n" for p in prompts))
     return {"out_dir": str(out), "clips": clips, "images": images, "eval_prompts": eval_prompts}
 

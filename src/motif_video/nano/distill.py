@@ -27,7 +27,7 @@ ENCODER_REFRESH = [0]
 def component_pointer(teacher_dir: Path, part: str) -> dict | None:
     """A source.json pointer for the teacher's `part`: its own pointer, or one into this package when the teacher
     ships inside it; None when the component has to be copied."""
-    from ..pipeline.pipeline import component_path
+    from ..model_folder import component_path
 
     own = teacher_dir / part / "source.json"
     if own.is_file():

@@ -16,7 +16,6 @@ instead measures the drift once per model and places a fixed number of refreshes
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -24,6 +23,7 @@ import numpy as np
 import torch
 
 from ..errors import MotifVideoError
+from ..files import atomic_write_text
 
 
 # Generic prompts: the drift pattern over steps is a property of the model and the noise schedule, not the prompt.
@@ -121,7 +121,4 @@ def save_schedule(folder: str | Path, refresh: Sequence[int], steps: int) -> Pat
     generation = data.setdefault("generation", {})
     generation["encoder_refresh"] = check_refresh(refresh, steps)
     generation["encoder_reuse"] = fallback_reuse(steps, len(generation["encoder_refresh"]))
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2) + "\n")
-    os.replace(tmp, path)
-    return path
+    return atomic_write_text(path, json.dumps(data, indent=2) + "\n")

@@ -45,6 +45,16 @@ def first_frame_tokens(text_encoder, image_processor, first_frame: torch.Tensor)
         return vision(pixel_values=pixels.to(param.device, param.dtype)).last_hidden_state
 
 
+def check_sampling(steps: int, guidance_scale: float | None = None, shift: float | None = None) -> None:
+    """Step count and the float knobs of sampling; NaN or infinity would only surface as a black video."""
+    if not isinstance(steps, int) or steps < 1:
+        raise MotifVideoError(f"steps must be >= 1, got {steps}")
+    if guidance_scale is not None and not np.isfinite(guidance_scale):
+        raise MotifVideoError(f"guidance scale must be a finite number, got {guidance_scale}")
+    if shift is not None and not (np.isfinite(shift) and shift > 0):
+        raise MotifVideoError(f"shift must be a finite number > 0, got {shift}")
+
+
 def initial_noise(shape: tuple[int, ...], generator) -> torch.Tensor:
     """Standard normal latents; with a list of generators, clip i draws from generator i alone."""
     if isinstance(generator, (list, tuple)):
@@ -197,10 +207,12 @@ class MotifVideoPipeline(LoraLoaderMixin):
         """
         d = self.defaults
         prompts = check_prompt(prompt)
-        height, width = height or d.height, width or d.width
-        num_frames = num_frames or d.num_frames
-        steps = num_inference_steps or d.num_inference_steps
+        height = d.height if height is None else height
+        width = d.width if width is None else width
+        num_frames = d.num_frames if num_frames is None else num_frames
+        steps = d.num_inference_steps if num_inference_steps is None else num_inference_steps
         scale = d.guidance_scale if guidance_scale is None else guidance_scale
+        check_sampling(steps, scale, shift)
         check_video_size(height, width, num_frames, self.codec.temporal_factor,
                          self.codec.spatial_factor * self.transformer.config.patch_size)
         if output_type not in ("np", "pt", "pil", "latent"):
@@ -266,6 +278,9 @@ class MotifVideoPipeline(LoraLoaderMixin):
             if guidance is not None:
                 velocity = guidance(*velocity.chunk(2))
             before, latents = latents, scheduler.step(velocity, t, latents, return_dict=False)[0]
+            if not torch.isfinite(latents).all():  # NaN weights or an overflowing guidance: never a black video
+                raise MotifVideoError(f"sampling produced NaN or infinite values at step {i + 1} of {steps} (broken "
+                                      "weights, or a guidance scale / shift / dtype that overflows)")
             hooks.step_end(i, t, latents, before, velocity)
         hooks.close()
 
@@ -307,12 +322,14 @@ class MotifVideoPipeline(LoraLoaderMixin):
         return {"defaults": asdict(self.defaults), "transformer": self.transformer.config.to_dict()}
 
 
-def generate_to_file(pipe: MotifVideoPipeline, path: str | Path, fps: int | None = None, **kwargs) -> dict:
+def generate_to_file(pipe: MotifVideoPipeline, path: str | Path, fps: int | None = None, overwrite: bool = False,
+                     **kwargs) -> dict:
     """Generate one clip and write it (mp4/gif/PNG folder); returns timing facts. No partial file on failure."""
     from .video_io import write_video
 
     start = time.perf_counter()
     frames = pipe(output_type="np", **kwargs)[0]
-    write_video((frames * 255).round().astype(np.uint8), path, fps=fps or pipe.defaults.fps)
+    write_video((frames * 255).round().astype(np.uint8), path, fps=pipe.defaults.fps if fps is None else fps,
+                overwrite=overwrite)
     return {"seconds": time.perf_counter() - start, "frames": frames.shape[0], "height": frames.shape[1],
             "width": frames.shape[2]}

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from ..errors import MotifVideoError
+from ..errors import MotifVideoError, warn
 
 
 class PromptEncoder:
@@ -29,6 +29,8 @@ class PromptEncoder:
         tokens = self.tokenizer(prompts, padding="max_length", max_length=self.max_length, truncation=True,
                                 add_special_tokens=True, return_attention_mask=True, return_tensors="pt")
         ids, mask = tokens["input_ids"], tokens["attention_mask"].bool()
+        if bool(mask[:, -1].any()):  # a prompt filled every position: it may have been cut
+            self._warn_if_cut(prompts)
         # A prompt that tokenises to nothing (an empty negative prompt with a tokenizer that adds no special token)
         # keeps one pad token, so attention never sees an all-masked row.
         mask[:, 0] |= ~mask.any(dim=1)
@@ -40,6 +42,14 @@ class PromptEncoder:
         if trim_padding and bool(mask.all()):
             return states, None
         return states, mask.to(states.device)
+
+    def _warn_if_cut(self, prompts: list[str]) -> None:
+        lengths = [len(ids) for ids in self.tokenizer(prompts, add_special_tokens=True, truncation=False,
+                                                      verbose=False)["input_ids"]]
+        longest = max(lengths)
+        if longest > self.max_length:
+            warn(f"a prompt of {longest} tokens is cut to the text encoder's {self.max_length}; the words after "
+                 f"that are ignored")
 
 
 def text_length(keep: torch.Tensor) -> int:

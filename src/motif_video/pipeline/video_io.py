@@ -1,17 +1,16 @@
 """Reading and writing clips: H.264 `.mp4` (PyAV), `.gif` (Pillow), folders of PNG frames, and single images
 (`.png`, 1-frame clips: the image half of joint image + video data).
 
-Frames are always uint8 RGB arrays shaped (T, H, W, 3) at the boundary of this module. Writes go to a temporary
-name next to the destination and are renamed into place at the end, so an interrupted or failed write never
-leaves a half-written clip where a dataset scanner would pick it up.
+Frames are always uint8 RGB arrays shaped (T, H, W, 3) at the boundary of this module. Writes go through
+`motif_video.files` (a unique temporary name beside the destination, renamed into place when complete), so an
+interrupted or failed write never leaves a half-written clip where a dataset scanner would pick it up.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
+import re
 from fractions import Fraction
 from pathlib import Path
 from typing import Callable, Iterator
@@ -21,9 +20,10 @@ import numpy as np
 from PIL import Image
 
 from ..errors import MotifVideoError
+from ..files import atomic_dir, atomic_file, check_writable_dir
 
-__all__ = ["write_video", "read_video", "probe_video", "to_uint8_frames", "VIDEO_EXTENSIONS", "IMAGE_EXTENSIONS",
-           "MEDIA_EXTENSIONS"]
+__all__ = ["write_video", "check_output", "read_video", "probe_video", "to_uint8_frames", "VIDEO_EXTENSIONS",
+           "IMAGE_EXTENSIONS", "MEDIA_EXTENSIONS"]
 
 # Extensions read through PyAV; `.gif` is written with Pillow but read with PyAV like the rest.
 VIDEO_EXTENSIONS = (".mp4", ".mov", ".mkv", ".webm", ".avi", ".gif")
@@ -90,45 +90,71 @@ def _rate(fps: float) -> Fraction:
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def write_video(frames, path, fps: float = 24, *, crf: int = 18) -> Path:
+def write_video(frames, path, fps: float = 24, *, crf: int = 18, overwrite: bool = False) -> Path:
     """Write frames (T, H, W, 3) to `path` and return it.
 
     `.mp4`: H.264 (libx264, yuv420p, constant quality `crf`). yuv420p stores colour at half resolution, so an odd
     width or height is padded by one replicated row/column to the next even size (read back as the padded size).
     `.gif`: Pillow, looping; GIF stores delays in 1/100 s, so the rate is rounded to such a delay (24 fps -> 25).
     `.png`: a single frame (T must be 1).
-    No extension or a trailing '/': a folder of `frame_00000.png`... plus `video.json` holding the fps.
+    No extension or a trailing '/': a folder of `frame_00000.png`... plus `video.json` holding the fps. An existing
+    folder is replaced only when `check_output` allows it (empty, or holding only a previous output of ours; with
+    `overwrite`, any folder holding our `video.json`).
+    The output appears complete or not at all (`motif_video.files`), with the mode the umask gives new files.
     """
     raw = os.fspath(path)
     path = Path(raw)
-    kind = _kind(path, raw)
+    kind = check_output(raw, overwrite=overwrite)
     rate = _rate(fps)
     arr = to_uint8_frames(frames)
-    if not path.parent.is_dir():
-        raise MotifVideoError(f"cannot write {path}: folder {path.parent} does not exist")
     if kind == "png" and arr.shape[0] != 1:
         raise MotifVideoError(f"cannot write {arr.shape[0]} frames to {path.name}: a .png holds one frame")
     if kind == "folder":
-        _write_folder_atomic(arr, path, rate)
-    else:
-        writer = {"mp4": _write_mp4, "gif": _write_gif, "png": _write_png}[kind]
-        _write_file_atomic(path, lambda tmp: writer(arr, tmp, rate, crf))
+        with atomic_dir(path) as tmp:
+            for i, frame in enumerate(arr):
+                Image.fromarray(frame).save(tmp / f"frame_{i:05d}.png")
+            (tmp / FOLDER_META).write_text(json.dumps({"fps": float(rate), "frames": int(arr.shape[0])}) + "\n")
+        return path
+    writer = {"mp4": _write_mp4, "gif": _write_gif, "png": _write_png}[kind]
+    with atomic_file(path) as tmp:
+        try:
+            writer(arr, tmp, rate, crf)
+        except av.FFmpegError as e:
+            if isinstance(e, OSError) and e.errno:
+                raise
+            raise MotifVideoError(f"cannot write {path}: {_reason(e)}") from e
     return path
 
 
-def _write_file_atomic(path: Path, write: Callable[[Path], None]) -> None:
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent)
-    os.close(fd)
-    tmp = Path(tmp_name)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except av.FFmpegError as e:
-        tmp.unlink(missing_ok=True)
-        raise MotifVideoError(f"cannot write {path}: {e}") from e
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+_FRAME_FILE = re.compile(r"^frame_\d{5}\.png$")
+
+
+def check_output(path, overwrite: bool = False) -> str:
+    """Check that a clip can be written to `path` before any work is spent on it; returns its kind ('mp4', 'gif',
+    'png' or 'folder'). An existing file is replaced (atomically). An existing folder is replaced only when it is
+    empty or holds nothing but a previous frame-folder output (frame_NNNNN.png + video.json); with `overwrite`,
+    when it holds our video.json. A folder this package did not write is never replaced."""
+    raw = os.fspath(path)
+    path = Path(raw)
+    kind = _kind(path, raw)
+    check_writable_dir(path.parent if str(path.parent) else Path("."), "video")
+    if kind != "folder":
+        if path.is_dir():
+            raise MotifVideoError(f"cannot write {path}: a folder with that name exists")
+        return kind
+    if path.exists() and not path.is_dir():
+        raise MotifVideoError(f"cannot write PNG frames to {path}: a file with that name exists")
+    if path.is_dir():
+        names = [e.name for e in os.scandir(path)]
+        ours = FOLDER_META in names
+        if names and not (ours and all(n == FOLDER_META or _FRAME_FILE.match(n) for n in names)):
+            if not ours:
+                raise MotifVideoError(f"{path} is a folder with other files in it ({len(names)} entries) that this "
+                                      "program did not write; give a new or empty folder for PNG frames")
+            if not overwrite:
+                raise MotifVideoError(f"{path} holds a previous frame output and other files; pass --overwrite to "
+                                      "replace the whole folder, or give a new folder")
+    return kind
 
 
 def _write_mp4(arr: np.ndarray, tmp: Path, rate: Fraction, crf: int) -> None:
@@ -159,27 +185,6 @@ def _write_gif(arr: np.ndarray, tmp: Path, rate: Fraction, crf: int) -> None:
 
 def _write_png(arr: np.ndarray, tmp: Path, rate: Fraction, crf: int) -> None:
     Image.fromarray(arr[0]).save(tmp, format="PNG")
-
-
-def _write_folder_atomic(arr: np.ndarray, path: Path, rate: Fraction) -> None:
-    if path.exists() and not path.is_dir():
-        raise MotifVideoError(f"cannot write PNG frames to {path}: a file with that name exists")
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent))
-    try:
-        for i, frame in enumerate(arr):
-            Image.fromarray(frame).save(tmp / f"frame_{i:05d}.png")
-        (tmp / FOLDER_META).write_text(json.dumps({"fps": float(rate), "frames": int(arr.shape[0])}) + "\n")
-        if path.exists():
-            # os.replace cannot swap a non-empty directory: move the old one aside, then delete it.
-            old = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".old", dir=path.parent))
-            os.replace(path, old / "v")
-            os.replace(tmp, path)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 # ----------------------------------------------------------------------------------------------------------------
