@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import torch.nn as nn
 
+from ..errors import MotifVideoError
 from ..model.backends import attention_backends, set_attention_backend
 from ..model.sharding import set_sequence_sharding
 from .attention import ContextParallelAttention
@@ -33,5 +34,13 @@ def apply_context_parallel(model: nn.Module, grid: ContextGrid) -> nn.Module:
     return model
 
 
-__all__ = ["ContextGrid", "GridShape", "ContextParallelAttention", "ContextSharding", "apply_context_parallel",
+def data_parallel_place(sequence: int, rank: int, world: int) -> tuple[int, int]:
+    """(data-parallel rank, data-parallel size) of a process when each sample spans `sequence` processes (the
+    grid's data dimension is the slowest)."""
+    if world % sequence:
+        raise MotifVideoError(f"parallel.ulysses x parallel.ring = {sequence} does not divide the {world} processes")
+    return rank // sequence, world // sequence
+
+
+__all__ = ["data_parallel_place", "ContextGrid", "GridShape", "ContextParallelAttention", "ContextSharding", "apply_context_parallel",
            "check_grid", "default_shape"]
