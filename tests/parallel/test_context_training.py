@@ -26,6 +26,7 @@ def test_ulysses_two_matches_one_process_and_resumes(tmp_path):
     run([str(path), "--override", f"output_dir={tmp_path / 'two'}", "optim.steps=10", *sp], 2, tmp_path)
     run([str(tmp_path / "two"), "--override", "optim.steps=20", *sp], 2, tmp_path)
 
+    assert yaml.safe_load((tmp_path / "two" / "config.yaml").read_text())["parallel"]["ulysses"] == 2
     one, two = read_log(tmp_path / "one"), read_log(tmp_path / "two")
     assert sorted(one) == sorted(two) == list(range(1, 21))
     assert any(one[s].get("repa_loss", 0) > 0 for s in one)
