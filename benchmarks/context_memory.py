@@ -37,7 +37,8 @@ def tracked_peak(rank: int, world: int, ulysses: int, ring: int) -> int:
     torch.manual_seed(0)
     model = MotifVideoTransformer.from_preset("motif-video-nano").eval()
     if world > 1:
-        apply_context_parallel(model, ContextGrid(GridShape(ulysses=ulysses, ring=ring), model.config.num_attention_heads))
+        grid = ContextGrid(GridShape(ulysses=ulysses, ring=ring), model.config.num_attention_heads)
+        apply_context_parallel(model, grid)
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(BATCH, model.config.in_channels, *LATENT, generator=gen)
     t = torch.rand(BATCH, generator=gen) * 1000

@@ -1,6 +1,6 @@
-"""Generation with the shipped nano model on 4 gloo processes equals one process: Ulysses x ring, CFG-parallel with
-Ulysses and with ring, and a token count the grid does not divide (padding). Encoder reuse is on (the nano model's default
-at 3 steps refreshes the encoder on step 0 only)."""
+"""Generation with the shipped nano model on 4 gloo processes equals one process: Ulysses x ring, CFG-parallel
+with Ulysses and with ring, and a token count the grid does not divide (padding). Encoder reuse is on (the nano
+model's default at 3 steps refreshes the encoder on step 0 only)."""
 
 import torch
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch.nn as nn
 
 from ..errors import MotifVideoError
-from ..model.backends import attention_backends, set_attention_backend
+from ..model.backends import DEFAULT_BACKEND, attention_backends, set_attention_backend
 from ..model.sharding import set_sequence_sharding
 from .attention import ContextParallelAttention
 from .grid import ContextGrid, GridShape, check_grid, default_shape
@@ -26,10 +26,12 @@ def apply_context_parallel(model: nn.Module, grid: ContextGrid) -> nn.Module:
     hook and wraps the model's current attention kernel. A no-op for a sequence group of one process."""
     if grid.shape.sequence == 1:
         return model
-    (inner,) = attention_backends(model)[:1] or [None]
+    # the kernel the model uses now (the first attention module's: a per-block choice is not kept)
+    backends = attention_backends(model)
+    inner = backends[0] if backends else DEFAULT_BACKEND
     if isinstance(inner, ContextParallelAttention):
         inner = inner.inner
-    set_attention_backend(model, ContextParallelAttention(grid, inner) if inner else ContextParallelAttention(grid))
+    set_attention_backend(model, ContextParallelAttention(grid, inner))
     set_sequence_sharding(model, ContextSharding(grid))
     return model
 
@@ -42,5 +44,5 @@ def data_parallel_place(sequence: int, rank: int, world: int) -> tuple[int, int]
     return rank // sequence, world // sequence
 
 
-__all__ = ["data_parallel_place", "ContextGrid", "GridShape", "ContextParallelAttention", "ContextSharding", "apply_context_parallel",
-           "check_grid", "default_shape"]
+__all__ = ["ContextGrid", "ContextParallelAttention", "ContextSharding", "GridShape", "apply_context_parallel",
+           "check_grid", "data_parallel_place", "default_shape"]
