@@ -180,3 +180,43 @@ def meta_model_inputs(config: TransformerConfig, latent: tuple[int, int, int], b
         timestep = torch.zeros(batch)
         image = torch.zeros(batch, image_tokens, config.image_embed_dim) if image_tokens else None
     return model, latents, timestep, text, image
+
+
+# -- context parallelism: communication ---------------------------------------------------------------------------
+@dataclass(frozen=True)
+class ContextTraffic:
+    """Bytes one process sends in one forward of one sample under a Ulysses x ring grid (parallel/attention.py).
+
+    Per attention over sharded keys, with n = ceil(N / (U R)) local video tokens (2n in the DDT decoder: its
+    decoder and encoder streams are both sharded) and width D:
+    - Ulysses: all-to-all of q, k, v and the output, each n x D values, of which (U - 1) / U leave the process;
+      replicated text/image tokens are only head-sliced (their attention output is all-gathered over heads:
+      (U - 1) / U x L x D);
+    - ring: every process receives the other R - 1 ring ranks' key and value blocks, each (U n) tokens x D / U;
+    - at the output head, the final video tokens are gathered: (U R - 1) x n x D received.
+    Shared Cross-Attention (sharded queries, replicated text keys) sends nothing.
+    """
+
+    ulysses: int
+    ring: int
+    encoder: int  # bytes in the dual + single-encoder blocks (skipped on encoder-reuse steps)
+    decoder: int  # bytes in the DDT decoder and the output gather
+
+    @property
+    def total(self) -> int:
+        return self.encoder + self.decoder
+
+
+def context_traffic(c: TransformerConfig, num_video: int, context_tokens: int, ulysses: int, ring: int,
+                    value_bytes: int) -> ContextTraffic:
+    d, parts = c.hidden_size, ulysses * ring
+    n = -(-num_video // parts)
+
+    def attention(local: int, replicated: int) -> float:
+        sent = 4 * local * d * (ulysses - 1) / ulysses + replicated * d * (ulysses - 1) / ulysses
+        return sent + 2 * (ring - 1) * local * d
+
+    encoder_blocks = c.num_layers + c.num_encoder_single_layers
+    encoder = encoder_blocks * attention(n, context_tokens)
+    decoder = c.num_decoder_layers * attention(2 * n, 0) + (parts - 1) * n * d
+    return ContextTraffic(ulysses, ring, round(encoder * value_bytes), round(decoder * value_bytes))

@@ -245,7 +245,8 @@ def available_memory(device) -> int:
 def estimate(config, height: int, width: int, frames: int, *, dtypes=("bf16",), steps: int = 50,
              guidance: bool = True, text_tokens: int = 512, image_tokens: int = 0, prompts: int = 1,
              throughput_tflops: float = 989.0, mfu: float = 0.4, encoder_reuse: int = 1,
-             quantize_modulation: bool = False) -> dict:
+             quantize_modulation: bool = False, gpus: int = 1, ulysses: int | None = None, ring: int | None = None,
+             link_gbps: float = 400.0) -> dict:
     """Everything `motif-video estimate` prints, as a dict (JSON-ready)."""
     from ..errors import MotifVideoError
     from ..flops import encoder_runs, forward_flops, sampling_flops, video_tokens
@@ -282,7 +283,7 @@ def estimate(config, height: int, width: int, frames: int, *, dtypes=("bf16",), 
         transient = weights.get("dequantized_weight_bytes", 0)
         memory[dtype] = {"weights": weights, "activations": acts,
                          "total_bytes": weights["resident"] + acts["bytes"] + transient}
-    return {
+    result = {
         "model": {"params": params, "hidden_size": config.hidden_size, "dual_blocks": config.num_layers,
                   "encoder_blocks": config.num_encoder_single_layers, "decoder_blocks": config.num_decoder_layers},
         "video": {"height": height, "width": width, "frames": frames,
@@ -302,6 +303,48 @@ def estimate(config, height: int, width: int, frames: int, *, dtypes=("bf16",), 
                  "seconds_per_video": per_video / effective},
         "memory": memory,
     }
+    if gpus > 1:
+        result["context_parallel"] = context_parallel_estimate(
+            config, tokens, text_tokens, image_tokens, prompts, guidance, dtypes[0], gpus, ulysses, ring, link_gbps,
+            per_video / steps, effective, steps, encoder_reuse)
+    return result
+
+
+def context_parallel_estimate(config, tokens: int, text_tokens: int, image_tokens: int, prompts: int,
+                              guidance: bool, dtype: str, gpus: int, ulysses: int | None, ring: int | None,
+                              link_gbps: float, step_flops: float, effective: float, steps: int,
+                              encoder_reuse: int) -> dict:
+    """One clip over `gpus` processes (docs/parallel.md): per-GPU activation memory, the bytes each GPU sends per
+    step, and s/step = compute split evenly + communication at `link_gbps` with no overlap (an upper bound)."""
+    from ..errors import MotifVideoError
+    from ..flops import context_traffic, encoder_runs
+    from ..parallel.grid import GridShape, check_grid, default_shape
+
+    if not link_gbps > 0:
+        raise MotifVideoError(f"link bandwidth must be > 0 GB/s, got {link_gbps}")
+    heads = config.num_attention_heads
+    if ulysses is None and ring is None:
+        shape = default_shape(gpus, heads)
+    else:
+        u = ulysses or max(1, gpus // (ring or 1))
+        shape = GridShape(ulysses=u, ring=ring or max(1, gpus // u))
+    if shape.size != gpus and guidance and shape.size * 2 == gpus:
+        shape = GridShape(shape.ulysses, shape.ring, cfg=2)  # the rest of the GPUs run the other branch
+    check_grid(shape, gpus, heads)
+    value_bytes = DTYPES[dtype][0]
+    branches = (2 if guidance else 1) * prompts
+    batch = branches // shape.cfg  # samples each GPU runs per step
+    local = -(-tokens // shape.sequence)
+    acts = activation_bytes(config, local, text_tokens, image_tokens, batch, value_bytes, encoder_reuse > 1)
+    traffic = context_traffic(config, tokens, text_tokens + image_tokens, shape.ulysses, shape.ring, value_bytes)
+    encoder_share = encoder_runs(steps, encoder_reuse) / steps
+    per_step = batch * (traffic.encoder * encoder_share + traffic.decoder)
+    compute = step_flops / gpus / effective
+    comm = per_step / (link_gbps * 1e9)
+    return {"gpus": gpus, "ulysses": shape.ulysses, "ring": shape.ring, "cfg": shape.cfg,
+            "local_video_tokens": local, "activation_bytes_per_gpu": acts["bytes"],
+            "comm_bytes_per_step": round(per_step), "link_gbps": link_gbps, "compute_seconds_per_step": compute,
+            "comm_seconds_per_step": comm, "seconds_per_step": compute + comm}
 
 
 # -- command line -------------------------------------------------------------------------------------------------
@@ -336,6 +379,11 @@ def register(subparsers) -> None:
                    help="the encoder runs on every K-th step only (as generate --encoder-reuse)")
     p.add_argument("--quantize-modulation", action="store_true",
                    help="GGUF: AdaLN modulation quantised too (quantize --quantize-modulation)")
+    p.add_argument("--gpus", type=int, default=1, help="GPUs sharing one clip (context parallelism)")
+    p.add_argument("--ulysses", type=int, default=None, help="Ulysses degree (default as generate under torchrun)")
+    p.add_argument("--ring", type=int, default=None, help="ring-attention degree")
+    p.add_argument("--link-gbps", type=float, default=400.0,
+                   help="per-GPU link bandwidth in GB/s for the communication time (NVLink 4: ~400 usable)")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.set_defaults(func=run)
 
@@ -387,6 +435,17 @@ def format_table(result: dict, model: str) -> str:
     first = next(iter(result["memory"].values()))["activations"]
     lines.append(f"  activations peak in the {first['stage']} blocks; fused (flash) attention assumed, no S x S "
                  f"scores; excludes CUDA context and allocator slack")
+    cp = result.get("context_parallel")
+    if cp:
+        lines += [
+            "",
+            f"context parallel {cp['gpus']} GPUs: Ulysses {cp['ulysses']} x ring {cp['ring']}"
+            + (" x CFG 2" if cp["cfg"] == 2 else "") + f", {cp['local_video_tokens']:,} video tokens per GPU",
+            f"  per GPU        activations {_gib(cp['activation_bytes_per_gpu'])}, sends "
+            f"{cp['comm_bytes_per_step'] / 2**30:.2f} GiB per step",
+            f"  time           {cp['seconds_per_step']:.2f} s/step = compute {cp['compute_seconds_per_step']:.2f} + "
+            f"communication {cp['comm_seconds_per_step']:.2f} at {cp['link_gbps']:g} GB/s (no overlap assumed)",
+        ]
     return "\n".join(lines)
 
 
@@ -397,7 +456,8 @@ def run(args) -> int:
     result = estimate(config, args.height, args.width, args.frames, dtypes=args.dtype, steps=args.steps,
                       guidance=args.guidance, text_tokens=args.text_tokens, image_tokens=args.image_tokens,
                       prompts=args.prompts, throughput_tflops=args.throughput_tflops, mfu=args.mfu,
-                      encoder_reuse=args.encoder_reuse, quantize_modulation=args.quantize_modulation)
+                      encoder_reuse=args.encoder_reuse, quantize_modulation=args.quantize_modulation,
+                      gpus=args.gpus, ulysses=args.ulysses, ring=args.ring, link_gbps=args.link_gbps)
     if args.json:
         result["model"]["name"] = args.model
         print(json.dumps(result, indent=2))

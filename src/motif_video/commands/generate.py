@@ -69,6 +69,13 @@ def register(subparsers) -> None:
                         "SageAttention on CUDA (int8, approximate); flash and sage need their package installed")
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the transformer blocks (CUDA; the first step pays the compile time)")
+    p.add_argument("--ulysses", type=int, default=None, metavar="U",
+                   help="under torchrun: Ulysses degree (must divide the heads; default: the largest that divides "
+                        "the heads and the processes)")
+    p.add_argument("--ring", type=int, default=None, metavar="R",
+                   help="under torchrun: ring-attention degree (default: the processes Ulysses leaves)")
+    p.add_argument("--cfg-parallel", action="store_true",
+                   help="under torchrun: the conditional and unconditional passes on two halves of the processes")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=run)
 
@@ -125,24 +132,36 @@ def run(args) -> int:
     check_memory(model, device, dtype, args)
 
     backend = attention_backend(args.attention)  # a missing kernel package fails before any model loads
+    grid = _context_grid(args, model)
 
     started = time.perf_counter()
     pipe = MotifVideoPipeline.from_pretrained(model, gguf=args.gguf, device=str(device), dtype=dtype,
                                               offload=args.offload)
     set_attention_backend(pipe.transformer, backend)
     apply_lora_specs(pipe, loras)
+    if grid is not None:
+        from ..parallel import apply_context_parallel
+        from ..parallel.guidance import ParallelGuidanceBranches
+
+        apply_context_parallel(pipe.transformer, grid)
+        if grid.shape.cfg == 2:
+            pipe.guidance_branches = ParallelGuidanceBranches(grid)
     if args.vae_tiling:
         pipe.enable_vae_tiling()
     if args.compile:
         pipe.compile_transformer()
-    generator = torch.Generator().manual_seed(args.seed)
-    facts = generate_to_file(
-        pipe, out, fps=args.fps, overwrite=args.overwrite, prompt=args.prompt, negative_prompt=args.negative_prompt,
-        image=args.image, height=args.height, width=args.width, num_frames=args.frames, num_inference_steps=args.steps,
+    generator = torch.Generator().manual_seed(args.seed)  # the same noise on every rank
+    options = dict(
+        prompt=args.prompt, negative_prompt=args.negative_prompt, image=args.image,
+        height=args.height, width=args.width, num_frames=args.frames, num_inference_steps=args.steps,
         guidance_scale=args.guidance_scale, guider=args.guider, shift=args.shift, solver=args.solver,
         encoder_reuse=args.encoder_reuse, encoder_refresh=args.encoder_refresh,
         batch_guidance=False if args.sequential_guidance else None, generator=generator, progress=not args.quiet,
     )
+    if grid is not None and grid.rank != 0:  # every rank denoises; rank 0 alone decodes and writes
+        pipe(output_type="latent", **{**options, "progress": False})
+        return 0
+    facts = generate_to_file(pipe, out, fps=args.fps, overwrite=args.overwrite, **options)
     total = time.perf_counter() - started
     print(f"wrote {out} ({facts['frames']} frames, {facts['width']}x{facts['height']}) in {total:.1f} s "
           f"({facts['seconds']:.1f} s generating)")
@@ -204,3 +223,38 @@ def check_memory(model, device, dtype, args) -> None:
     if need > have:
         raise MotifVideoError(f"{width}x{height} with {frames} frames needs about {need / 2**30:.1f} GiB of memory "
                               f"on {device}, but only {have / 2**30:.1f} GiB is available; lower the size or frames")
+def _context_grid(args, model):
+    """Under torchrun (WORLD_SIZE > 1): join the process group and build the grid, every rank failing alike on a
+    bad one; None in a single process."""
+    import json
+
+    from ..errors import MotifVideoError
+    from ..model_folder import transformer_folder
+    from ..parallel.launch import agree_on_error, init_distributed, launched_world
+
+    asked = args.ulysses is not None or args.ring is not None or args.cfg_parallel
+    if launched_world() == 1:
+        if asked and (args.ulysses or 1) * (args.ring or 1) * (2 if args.cfg_parallel else 1) > 1:
+            raise MotifVideoError("--ulysses, --ring and --cfg-parallel need several processes: launch with "
+                                  "torchrun --nproc_per_node N -m motif_video.cli generate ...")
+        return None
+    from ..parallel.grid import ContextGrid, GridShape, check_grid, default_shape
+
+    device = init_distributed(args.device)
+    args.device = str(device)
+    error = None
+    try:
+        heads = json.loads((transformer_folder(model) / "config.json").read_text())["num_attention_heads"]
+        world = launched_world()
+        if args.ulysses is None and args.ring is None:
+            shape = default_shape(world, heads, cfg=args.cfg_parallel)
+        else:
+            branches = 2 if args.cfg_parallel else 1
+            u = args.ulysses or max(1, world // (branches * (args.ring or 1)))
+            r = args.ring or max(1, world // (branches * u))
+            shape = GridShape(ulysses=u, ring=r, cfg=branches)
+        check_grid(shape, world, heads)
+    except MotifVideoError as e:
+        error = e
+    agree_on_error(error)
+    return ContextGrid(shape, heads)

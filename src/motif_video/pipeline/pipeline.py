@@ -83,6 +83,9 @@ class MotifVideoPipeline(LoraLoaderMixin):
         self.prompts.max_length = self.defaults.max_sequence_length
         self.execution_device = next(transformer.parameters()).device
         self.offload = False
+        # Where the guidance branches run: None here, one after the other (or batched); an object with
+        # `run(branch, count) -> [velocity of each branch]` runs them elsewhere (parallel.guidance: CFG-parallel)
+        self.guidance_branches = None
 
     # -- loading ---------------------------------------------------------------------------------------------------
     @classmethod
@@ -229,7 +232,8 @@ class MotifVideoPipeline(LoraLoaderMixin):
         first_frame = self._image_tensor(image, height, width) if image is not None else None
         self._activate(self.prompts.text_encoder)
         image_tokens = self._image_tokens(first_frame) if first_frame is not None else None
-        batched = use_guidance and (d.batch_guidance if batch_guidance is None else batch_guidance)
+        batched = use_guidance and (d.batch_guidance if batch_guidance is None else batch_guidance) \
+            and self.guidance_branches is None
         dtype = next(self.transformer.parameters()).dtype
         conditions = [self.prompts.encode(prompts)] + ([self.prompts.encode(negatives)] if use_guidance else [])
         if batched:  # cond and uncond run as one batch through the transformer
@@ -263,15 +267,21 @@ class MotifVideoPipeline(LoraLoaderMixin):
         hooks = StepHooks(steps, callback, interrupt, progress, self._preview if preview else None)
         for i, t in enumerate(scheduler.timesteps):
             hooks.check(i)
-            velocities = []
-            for (text, text_mask), cache in zip(conditions, caches):
+
+            def branch(index: int, t=t, i=i, latents=latents) -> torch.Tensor:
+                (text, text_mask), cache = conditions[index], caches[index]
                 if cache is not None:
                     cache.refresh = i in refresh
                 copies = text.shape[0] // batch
                 hidden = model_input(latents, first_latent).repeat(copies, 1, 1, 1, 1).to(dtype)
                 images = image_tokens.expand(text.shape[0], -1, -1) if image_tokens is not None else None
-                velocities.append(self.transformer(hidden, t.expand(hidden.shape[0]).to(device), text,
-                                                   text_mask, images, encoder_cache=cache).float())
+                return self.transformer(hidden, t.expand(hidden.shape[0]).to(device), text, text_mask, images,
+                                        encoder_cache=cache).float()
+
+            if self.guidance_branches is not None:
+                velocities = self.guidance_branches.run(branch, len(conditions))
+            else:
+                velocities = [branch(index) for index in range(len(conditions))]
             if encoder_trace is not None:
                 encoder_trace.append([cache.tokens.detach().cpu() for cache in caches])
             velocity = torch.cat(velocities)

@@ -223,9 +223,13 @@ class EmaSection:
 @dataclass
 class ParallelSection:
     reshard_after_forward: bool = True  # FSDP2: free gathered weights after forward (less memory, more traffic)
+    ulysses: int = 1  # sequence parallelism: each sample's video tokens over ulysses x ring processes
+    ring: int = 1
 
     def validate(self, key: str) -> None:
-        pass
+        for name in ("ulysses", "ring"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{key}.{name}={getattr(self, name)} must be at least 1")
 
 
 @dataclass

@@ -39,6 +39,7 @@ from .checkpoint import (broadcast_from_main, checkpoint_health, list_checkpoint
 from .config import TrainConfig
 from .ema import EMA
 from .objective import FlowMatchingObjective, TrainModule
+from ..parallel import ContextGrid, GridShape, apply_context_parallel, data_parallel_place
 from .distill import DistillationObjective, TrajectoryDataset
 from .parallel import full_tensor, parallelize, reshard, sum_across_ranks, weight_norm
 from .stages import build_transformer
@@ -194,6 +195,10 @@ class Trainer:
         acc = self.accelerator
         self.device, self.rank, self.world = acc.device, acc.process_index, acc.num_processes
         self.is_main = acc.is_main_process
+        # Sequence parallelism (parallel/): each sample's video tokens over ulysses x ring processes, which all see
+        # the same samples; data-parallel rank and size count those groups
+        self.sequence = c.parallel.ulysses * c.parallel.ring
+        self.data_rank, self.data_world = data_parallel_place(self.sequence, self.rank, self.world)
 
         # 0. The run folder: ours alone for this run (rank 0 holds the lock; every rank learns the verdict)
         busy = self.lock.acquire() if self.is_main else None
@@ -216,7 +221,7 @@ class Trainer:
         buckets = [Bucket.parse(k) for k in self.dataset.bucket_keys]
         bucket_set = BucketSet(buckets)
         self.steps = make_steps(c.data, [bucket_set.index(b) for b in buckets], bucket_set, seed=c.seed,
-                                rank=self.rank, world=self.world)
+                                rank=self.data_rank, world=self.data_world)
         # 2. Model: same seed on every rank, so random inits agree before sharding
         seed_everything(c.seed)
         transformer = build_transformer(c)
@@ -235,6 +240,10 @@ class Trainer:
             from ..alignment import RepaAligner
 
             aligner = RepaAligner(transformer.config.hidden_size, self.dataset.teacher_dim, align.projector_dim)
+        if self.sequence > 1:
+            apply_context_parallel(transformer, ContextGrid(GridShape(c.parallel.ulysses, c.parallel.ring,
+                                                                      data=self.data_world),
+                                                            transformer.config.num_attention_heads))
         module = TrainModule(transformer, aligner, align.block if align is not None else None)
         self.module = parallelize(module, transformer, device=self.device, compute_dtype=self.compute_dtype,
                                   grad_checkpointing=c.grad_checkpointing,
@@ -347,19 +356,22 @@ class Trainer:
                 started = time.perf_counter()
                 micro = self._micro_batches(data)
                 # Each micro-batch's mean loss weighted by its share of the step's samples: the gradients sum to
-                # those of the whole global batch's mean. FSDP averages gradients over ranks, hence x world.
+                # those of the whole global batch's mean. FSDP averages gradients over ranks, hence x world; the
+                # ranks of one sample's sequence group each hold its whole loss and their gradients add up, hence
+                # x data-parallel world only (totals below count each group's loss that many times).
                 local = torch.zeros(3, dtype=torch.float64)  # weighted loss, flow loss, REPA loss
                 tokens = 0
                 for batch in micro:
                     tag = batch["tag"]
                     with acc.autocast():
                         out = self.objective(self.module, batch, step, tag["sample_ids"], self.device)
-                    (out.loss * (tag["weight"] * self.world)).backward()
+                    (out.loss * (tag["weight"] * self.data_world)).backward()
                     local += torch.tensor([out.loss.item(), out.flow.item(),
                                            out.repa.item() if out.repa is not None else 0.0],
                                           dtype=torch.float64) * tag["weight"]
                     tokens += out.tokens if tag["weight"] > 0 else 0
                 totals = sum_across_ranks(torch.cat([local, torch.tensor([float(tokens)], dtype=torch.float64)]))
+                totals /= self.sequence
                 loss = totals[0].item()
                 if not math.isfinite(loss):
                     raise TrainingDiverged(self._diverged("loss", loss, step))

@@ -1,0 +1,110 @@
+"""The context-parallel attention backend: Ulysses and ring attention over the sharded segments of any attention
+call, wrapping a kernel backend.
+
+The call's `AttentionLayout` says which query/key segments are sharded (video, and the DDT decoder's decoder and
+encoder streams) and which are replicated (text, image tokens):
+- keys with no sharded segment (Shared Cross-Attention: sharded queries over the text) need nothing from other
+  ranks: the inner kernel runs on the local queries;
+- otherwise Ulysses turns the sharded segments' sequence split into a head split (all-to-all), while the
+  replicated segments, whole on every rank already, are only head-sliced; ring attention then runs the queries over
+  every ring rank's sharded key block and, once, over the replicated keys, merging the partial results exactly
+  (ring.py). Queries of replicated segments come back whole on every rank (their heads all-gathered).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..model.backends import DEFAULT_BACKEND, AttentionBackend
+from ..model.layout import GRID_KINDS, AttentionLayout, AttentionSite
+from .collectives import all_gather
+from .grid import ContextGrid
+from .ring import merge_partials, partial_attention
+from .ulysses import gather_heads, gather_mask, head_slice, heads_to_sequence, sequence_to_heads
+
+
+def _split(x: torch.Tensor, segments, dim: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """x's parts along `dim` per segment -> (sharded parts, replicated parts), each in sequence order."""
+    sharded, replicated, start = [], [], 0
+    for segment in segments:
+        part = x.narrow(dim, start, segment.length)
+        (sharded if segment.kind in GRID_KINDS else replicated).append(part)
+        start += segment.length
+    return sharded, replicated
+
+
+def _cat(parts: list[torch.Tensor], dim: int) -> torch.Tensor | None:
+    return torch.cat(parts, dim=dim) if parts else None
+
+
+class ContextParallelAttention(AttentionBackend):
+    name = "context-parallel"
+
+    def __init__(self, grid: ContextGrid, inner: AttentionBackend = DEFAULT_BACKEND):
+        self.grid, self.inner = grid, inner
+        self.ulysses, self.ring = grid.shape.ulysses, grid.shape.ring
+
+    def __call__(self, q, k, v, key_mask, layout: AttentionLayout, site: AttentionSite):
+        if not any(s.kind in GRID_KINDS for s in layout.key):
+            return self.inner(q, k, v, key_mask, layout, site)
+        q_sh, q_rep = (_cat(p, 2) for p in _split(q, layout.query, 2))
+        k_sh, k_rep = (_cat(p, 2) for p in _split(k, layout.key, 2))
+        v_sh, v_rep = (_cat(p, 2) for p in _split(v, layout.key, 2))
+        m_sh = m_rep = None
+        if key_mask is not None:
+            m_sh, m_rep = (_cat(p, 3) for p in _split(key_mask, layout.key, 3))
+
+        g = self.grid
+        if self.ulysses > 1:
+            u, group = g.ulysses_rank, g.ulysses_group
+            q_sh = sequence_to_heads(q_sh, self.ulysses, group) if q_sh is not None else None
+            k_sh, v_sh = sequence_to_heads(k_sh, self.ulysses, group), sequence_to_heads(v_sh, self.ulysses, group)
+            q_rep, k_rep, v_rep = (head_slice(t, self.ulysses, u) if t is not None else None
+                                   for t in (q_rep, k_rep, v_rep))
+            if m_sh is not None:
+                m_sh = torch.cat(gather_mask(m_sh, group), dim=3)
+        queries = _cat([t for t in (q_sh, q_rep) if t is not None], 2)  # (B, H/U, n_sh + n_rep, hd)
+
+        if self.ring == 1:
+            keys = _cat([k_sh, k_rep] if k_rep is not None else [k_sh], 2)
+            values = _cat([v_sh, v_rep] if v_rep is not None else [v_sh], 2)
+            mask = None
+            if key_mask is not None:
+                mask = _cat([m_sh, m_rep] if m_rep is not None else [m_sh], 3)
+            out = self.inner(queries, keys, values, mask, layout, site)
+        else:
+            out = self._ring(queries, k_sh, v_sh, m_sh, k_rep, v_rep, m_rep).to(q.dtype)
+
+        n_sh = q_sh.shape[2] if q_sh is not None else 0
+        out_sh, out_rep = out[:, :, :n_sh], out[:, :, n_sh:]
+        if self.ulysses > 1:
+            out_sh = heads_to_sequence(out_sh, self.ulysses, g.ulysses_group) if n_sh else out_sh
+            out_rep = gather_heads(out_rep, g.ulysses_group) if out_rep.shape[2] else out_rep
+        return self._reassemble(out_sh, out_rep, layout.query)
+
+    def _ring(self, q, k_sh, v_sh, m_sh, k_rep, v_rep, m_rep):
+        """Attention of q over every ring rank's sharded key block, then over the local replicated keys (once)."""
+        group = self.grid.ring_group
+        keys = all_gather(k_sh.contiguous(), group)
+        values = all_gather(v_sh.contiguous(), group)
+        masks = gather_mask(m_sh, group) if m_sh is not None else [None] * self.ring
+        partials = [partial_attention(q, kb, vb, mb) for kb, vb, mb in zip(keys, values, masks, strict=True)]
+        if k_rep is not None:
+            partials.append(partial_attention(q, k_rep, v_rep, m_rep))
+        return merge_partials(partials)
+
+    @staticmethod
+    def _reassemble(out_sh: torch.Tensor, out_rep: torch.Tensor, segments) -> torch.Tensor:
+        """Sharded and replicated outputs back into the query's segment order."""
+        parts, i_sh, i_rep = [], 0, 0
+        for segment in segments:
+            if segment.kind in GRID_KINDS:
+                parts.append(out_sh[:, :, i_sh:i_sh + segment.length])
+                i_sh += segment.length
+            else:
+                parts.append(out_rep[:, :, i_rep:i_rep + segment.length])
+                i_rep += segment.length
+        return torch.cat(parts, dim=2)
+
+    def __repr__(self) -> str:
+        return f"ContextParallelAttention(ulysses={self.ulysses}, ring={self.ring}, inner={self.inner!r})"
