@@ -22,6 +22,7 @@ COMMANDS = [
     "eval",
     "estimate",
     "calibrate_reuse",
+    "calibrate_cache",
 ]
 
 

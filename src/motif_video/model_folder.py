@@ -58,6 +58,8 @@ class GenerationDefaults:
     # The steps that run the encoder when sampling at `num_inference_steps`, calibrated for this model
     # (`motif-video calibrate-reuse`); other step counts fall back to every `encoder_reuse`-th step.
     encoder_refresh: list[int] | None = None
+    # MagCache's calibrated per-step magnitude ratios of the blocks' residual (`motif-video calibrate-cache`)
+    magcache_ratios: list[float] | None = None
     batch_guidance: bool = True  # cond + uncond in one forward (faster); False halves activation memory
 
     @classmethod
@@ -71,6 +73,19 @@ class GenerationDefaults:
             raise CheckpointError(f"{path} is not valid JSON: {e}") from None
         known = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in data.get("generation", data).items() if k in known})
+
+
+def update_generation_defaults(folder: str | Path, **values) -> Path:
+    """Set generation defaults in a model folder's motif_video.json (other settings kept), written atomically."""
+    import os
+
+    path = Path(folder) / "motif_video.json"
+    data = json.loads(path.read_text()) if path.is_file() else {}
+    data.setdefault("generation", {}).update(values)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2) + "\n")
+    os.replace(tmp, path)
+    return path
 
 
 def default_dtype(device: str | torch.device) -> torch.dtype:

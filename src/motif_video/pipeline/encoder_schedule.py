@@ -15,8 +15,6 @@ instead measures the drift once per model and places a fixed number of refreshes
 
 from __future__ import annotations
 
-import json
-import os
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -116,12 +114,7 @@ def measure_drift(pipe, prompts: Sequence[str], seeds: Sequence[int] = (0,), **c
 def save_schedule(folder: str | Path, refresh: Sequence[int], steps: int) -> Path:
     """Make `refresh` the default schedule of the model folder (its motif_video.json, other settings kept), with
     the largest uniform factor that runs the encoder at least as often as the fallback at other step counts."""
-    path = Path(folder) / "motif_video.json"
-    data = json.loads(path.read_text()) if path.is_file() else {}
-    generation = data.setdefault("generation", {})
-    generation["encoder_refresh"] = check_refresh(refresh, steps)
-    generation["encoder_reuse"] = fallback_reuse(steps, len(generation["encoder_refresh"]))
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2) + "\n")
-    os.replace(tmp, path)
-    return path
+    from ..model_folder import update_generation_defaults
+
+    refresh = check_refresh(refresh, steps)
+    return update_generation_defaults(folder, encoder_refresh=refresh, encoder_reuse=fallback_reuse(steps, len(refresh)))
