@@ -180,3 +180,33 @@ def meta_model_inputs(config: TransformerConfig, latent: tuple[int, int, int], b
         timestep = torch.zeros(batch)
         image = torch.zeros(batch, image_tokens, config.image_embed_dim) if image_tokens else None
     return model, latents, timestep, text, image
+
+
+class FlopMeter:
+    """FLOPs counted (as `count_flops` does) inside every forward call of `module`, added up in `flops`; the
+    calls made while a meter is attached run SDPA on the math backend. `detach()` removes it."""
+
+    def __init__(self, module: torch.nn.Module):
+        self.flops = 0
+        self._active = None
+        self._hooks = [module.register_forward_pre_hook(self._start), module.register_forward_hook(self._stop)]
+
+    def _start(self, *_):
+        from contextlib import ExitStack
+
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+        from torch.utils.flop_counter import FlopCounterMode
+
+        stack = ExitStack()
+        stack.enter_context(sdpa_kernel(SDPBackend.MATH))
+        self._active = (stack, stack.enter_context(FlopCounterMode(display=False)))
+
+    def _stop(self, *_):
+        stack, counter = self._active
+        stack.close()
+        self.flops += counter.get_total_flops()
+        self._active = None
+
+    def detach(self) -> None:
+        for hook in self._hooks:
+            hook.remove()
