@@ -154,3 +154,32 @@ def test_parse_cache_and_cli_errors(model_dir, tmp_path, capsys):
     assert cli_main(["generate", "a cat", "-o", str(out), "--model", str(model_dir), "--cache", "taylorseer:2:1:1",
                      "--steps", "4", "--height", "32", "--width", "32", "--frames", "9", "--quiet"]) == 0
     assert out.is_file() and "2 of 8 transformer calls skipped" in capsys.readouterr().out
+
+
+def test_flop_meter_counts_what_a_cached_step_runs():
+    from motif_video.flops import FlopMeter, dual_block_flops, forward_flops, video_tokens
+    from motif_video.model.config import preset
+    from motif_video.model.transformer import MotifVideoTransformer
+
+    config = preset("motif-video-tiny")
+    model = MotifVideoTransformer(config).eval()
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(2, config.in_channels, 2, 4, 4, generator=gen)
+    text = torch.randn(2, 6, config.text_embed_dim, generator=gen)
+    t = torch.full((2,), 500.0)
+    tokens = video_tokens(config, (2, 4, 4))
+    fwd = forward_flops(config, tokens, 6, 0, batch=2)
+    first_block = 2 * dual_block_flops(config, tokens, 6, 6).total
+    for cache, runs, skipped_step in ((FirstBlockCache(threshold=1e9), 1, fwd.embed + first_block + fwd.head),
+                                      (TaylorSeer(interval=2, order=1, warmup=1), 2, fwd.embed + fwd.head)):
+        (state,) = cache.begin(3, 1)
+        meter = FlopMeter(model)
+        with torch.no_grad():
+            model(x, t, text, step_cache=state)
+            full = meter.flops
+            model(x, t, text, step_cache=state)
+            model(x, t, text, step_cache=state)
+        meter.detach()
+        assert full == fwd.total  # a step that runs everything runs the probed first block once
+        assert state.computed == runs and state.skipped == 3 - runs
+        assert meter.flops == runs * fwd.total + (3 - runs) * skipped_step
