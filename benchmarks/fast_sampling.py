@@ -115,6 +115,18 @@ def main() -> None:
     results = {name: {"clips": 0, "transformer_seconds": 0.0, "generation_seconds": 0.0, "evaluations": 0,
                       "skipped_calls": 0, **{key: 0.0 for key in COLUMNS}} for name in plans}
 
+    # FLOPs: a separate pass (the counter runs attention on the math backend and slows every call)
+    flop_prompts = [p["prompt"] for p in prompts[:args.flop_prompts]]
+    for name, (model, setting, make_cache) in plans.items():
+        pipe = models[model]
+        meter = FlopMeter(pipe.transformer)
+        try:
+            pipe(flop_prompts, generator=torch.Generator().manual_seed(args.seed), progress=False,
+                 output_type="latent", cache=make_cache() if make_cache else None, **setting)
+        finally:
+            meter.detach()
+        results[name]["flops_per_clip"] = meter.flops / len(flop_prompts)
+
     with tempfile.TemporaryDirectory() as tmp:
         for start in range(0, len(prompts), args.batch):
             chunk_file = Path(tmp) / f"prompts_{start}.jsonl"
@@ -137,20 +149,14 @@ def main() -> None:
                 row["generation_seconds"] += run["generation_seconds"]
                 row["evaluations"] += rows[model].rows
                 row["skipped_calls"] += cache.skipped if cache else 0
-            print(f"{start + args.batch} of {len(prompts)} prompts", flush=True)
+            done = min(start + args.batch, len(prompts))
+            print(f"{done} of {len(prompts)} prompts", flush=True)
+            write_results(args, results, done)  # after every batch: a run cut short still leaves its table
 
-    # FLOPs: a separate pass (the counter runs attention on the math backend and slows every call)
-    flop_prompts = [p["prompt"] for p in prompts[:args.flop_prompts]]
-    for name, (model, setting, make_cache) in plans.items():
-        pipe = models[model]
-        meter = FlopMeter(pipe.transformer)
-        try:
-            pipe(flop_prompts, generator=torch.Generator().manual_seed(args.seed), progress=False,
-                 output_type="latent", cache=make_cache() if make_cache else None, **setting)
-        finally:
-            meter.detach()
-        results[name]["flops_per_clip"] = meter.flops / len(flop_prompts)
 
+def write_results(args, totals: dict, done: int) -> None:
+    """Per-clip means of the batches so far -> results.json and results.md under --out."""
+    results = {name: dict(row) for name, row in totals.items()}
     base = results[DEFAULTS]
     for row in results.values():
         clips = row["clips"]
@@ -159,8 +165,8 @@ def main() -> None:
         row["alignment"] = alignment(row)
         for key in ("transformer_seconds", "generation_seconds", "evaluations"):
             row[f"{key}_per_clip"] = row.pop(key) / clips
-    lines = [f"{args.prompts} held-out validation prompts (prompt seed {args.prompt_seed}), noise seed {args.seed}, "
-             f"batches of {args.batch}, {torch.get_num_threads()} CPU threads; FLOPs over the first "
+    lines = [f"{done} of {args.prompts} held-out validation prompts (prompt seed {args.prompt_seed}), noise seed "
+             f"{args.seed}, batches of {args.batch}, {torch.get_num_threads()} CPU threads; FLOPs over the first "
              f"{args.flop_prompts} prompts.", "",
              "| setting | steps | evaluations / clip | GFLOPs / clip | FLOP ratio | transformer s / clip | "
              "generation s / clip | speedup | all correct | colour | shape | direction | subject consistency |",
