@@ -29,6 +29,7 @@ COMMANDS = [
     "calibrate_reuse",
     "serve",
     "analyze",
+    "calibrate_cache",
 ]
 
 

@@ -26,7 +26,7 @@ import shutil
 import signal
 import threading
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Iterator
 
 from .errors import MotifVideoError
 

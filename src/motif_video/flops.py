@@ -220,3 +220,33 @@ def context_traffic(c: TransformerConfig, num_video: int, context_tokens: int, u
     encoder = encoder_blocks * attention(n, context_tokens)
     decoder = c.num_decoder_layers * attention(2 * n, 0) + (parts - 1) * n * d
     return ContextTraffic(ulysses, ring, round(encoder * value_bytes), round(decoder * value_bytes))
+
+
+class FlopMeter:
+    """FLOPs counted (as `count_flops` does) inside every forward call of `module`, added up in `flops`; the
+    calls made while a meter is attached run SDPA on the math backend. `detach()` removes it."""
+
+    def __init__(self, module: torch.nn.Module):
+        self.flops = 0
+        self._active = None
+        self._hooks = [module.register_forward_pre_hook(self._start), module.register_forward_hook(self._stop)]
+
+    def _start(self, *_):
+        from contextlib import ExitStack
+
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+        from torch.utils.flop_counter import FlopCounterMode
+
+        stack = ExitStack()
+        stack.enter_context(sdpa_kernel(SDPBackend.MATH))
+        self._active = (stack, stack.enter_context(FlopCounterMode(display=False)))
+
+    def _stop(self, *_):
+        stack, counter = self._active
+        stack.close()
+        self.flops += counter.get_total_flops()
+        self._active = None
+
+    def detach(self) -> None:
+        for hook in self._hooks:
+            hook.remove()

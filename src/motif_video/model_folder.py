@@ -59,6 +59,8 @@ class GenerationDefaults:
     # The steps that run the encoder when sampling at `num_inference_steps`, calibrated for this model
     # (`motif-video calibrate-reuse`); other step counts fall back to every `encoder_reuse`-th step.
     encoder_refresh: list[int] | None = None
+    # MagCache's calibrated per-step magnitude ratios of the blocks' residual (`motif-video calibrate-cache`)
+    magcache_ratios: list[float] | None = None
     batch_guidance: bool = True  # cond + uncond in one forward (faster); False halves activation memory
 
     @classmethod
@@ -99,6 +101,16 @@ def _setting(path: Path, name: str, value, default):
     if not ok:
         raise CheckpointError(f"{path}: {name} = {json.dumps(value)} is not a valid setting (expected a {want})")
     return int(value) if isinstance(default, int) and not isinstance(default, bool) else value
+
+
+def update_generation_defaults(folder: str | Path, **values) -> Path:
+    """Set generation defaults in a model folder's motif_video.json (other settings kept), written atomically."""
+    from .files import atomic_write_text
+
+    path = Path(folder) / "motif_video.json"
+    data = json.loads(path.read_text()) if path.is_file() else {}
+    data.setdefault("generation", {}).update(values)
+    return atomic_write_text(path, json.dumps(data, indent=2) + "\n")
 
 
 def default_dtype(device: str | torch.device) -> torch.dtype:

@@ -55,6 +55,11 @@ def register(subparsers) -> None:
                         "release)")
     p.add_argument("--encoder-refresh", type=_step_list, default=None, metavar="I,J,...",
                    help="the 0-based steps that run the encoder (must include 0); overrides --encoder-reuse")
+    p.add_argument("--cache", default=None, metavar="KIND:SETTING",
+                   help="training-free step cache (approximate, skips the transformer's blocks on some steps): "
+                        "fbcache:THRESHOLD (first-block cache, e.g. 0.05), magcache:THRESHOLD[:MAX_SKIP[:RETENTION]] "
+                        "(needs `motif-video calibrate-cache MODEL --write` once), taylorseer:INTERVAL[:ORDER[:WARMUP]];"
+                        " threshold 0 / interval 1 is exact")
     p.add_argument("--seed", type=int, default=0, help="random seed of the initial noise")
     p.add_argument("--negative-prompt", default=None, help="negative prompt (default: the release's)")
     p.add_argument("--fps", type=int, default=None, help="frames per second of the written video")
@@ -96,6 +101,7 @@ def run(args) -> int:
     from ..model.backends import attention_backend, set_attention_backend
     from ..model_folder import default_device_dtype
     from ..pipeline.pipeline import MotifVideoPipeline, check_sampling, generate_to_file
+    from ..model.step_cache import parse_cache
     from ..pipeline.text import check_prompt
     from ..pipeline.video_io import check_output
 
@@ -116,6 +122,7 @@ def run(args) -> int:
         if value is not None and not Path(value).is_file():
             raise MotifVideoError(f"{what} file not found: {value}")
     loras = read_lora_specs(args.lora or [])
+    cache = parse_cache(args.cache) if args.cache is not None else None
     out = Path(args.output)
     check_output(args.output, overwrite=args.overwrite)
     model = args.model
@@ -155,7 +162,7 @@ def run(args) -> int:
         prompt=args.prompt, negative_prompt=args.negative_prompt, image=args.image,
         height=args.height, width=args.width, num_frames=args.frames, num_inference_steps=args.steps,
         guidance_scale=args.guidance_scale, guider=args.guider, shift=args.shift, solver=args.solver,
-        encoder_reuse=args.encoder_reuse, encoder_refresh=args.encoder_refresh,
+        encoder_reuse=args.encoder_reuse, encoder_refresh=args.encoder_refresh, cache=cache,
         batch_guidance=False if args.sequential_guidance else None, generator=generator, progress=not args.quiet,
     )
     if grid is not None and grid.rank != 0:  # every rank denoises; rank 0 alone decodes and writes
@@ -165,6 +172,8 @@ def run(args) -> int:
     total = time.perf_counter() - started
     print(f"wrote {out} ({facts['frames']} frames, {facts['width']}x{facts['height']}) in {total:.1f} s "
           f"({facts['seconds']:.1f} s generating)")
+    if cache is not None:
+        print(f"{cache.skipped} of {cache.computed + cache.skipped} transformer calls skipped by the cache")
     return 0
 
 

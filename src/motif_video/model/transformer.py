@@ -27,6 +27,7 @@ from .embeddings import ImageProjection, PatchEmbed, TimestepEmbedding, text_pro
 from .layout import DECODER, ENCODER, IMAGE, TEXT, VIDEO, AttentionInputs, AttentionLayout, Segment
 from .rope import rope_frequencies
 from .sharding import NO_SHARDING, SequenceSharding
+from .step_cache import StepCacheState
 
 
 class OutputNorm(nn.Module):
@@ -194,6 +195,7 @@ class MotifVideoTransformer(nn.Module):
         route: TokenRoute | None = None,
         capture_block: int | None = None,
         encoder_cache: EncoderCache | None = None,
+        step_cache: StepCacheState | None = None,
     ):
         """Velocity (B, out_channels, T, H, W) for latents (B, in_channels, T, H, W) at `timestep` (B,) in [0, 1000].
 
@@ -201,6 +203,8 @@ class MotifVideoTransformer(nn.Module):
         for I2V. `route`: TREAD keep set (training). `capture_block`: also return the video tokens after that block
         (B, N, D) for REPA; inside a route these are only the kept tokens, in `route.kept` order.
         `encoder_cache`: reuse the encoder's output across sampling steps (inference; see EncoderCache).
+        `step_cache`: one guidance branch's state of a training-free cache (model/step_cache.py) that may stand in
+        for all blocks with what earlier steps computed (inference).
         """
         c = self.config
         if timestep.dim() == 0:
@@ -219,14 +223,44 @@ class MotifVideoTransformer(nn.Module):
         x = sharding.shard(x)  # (B, N_local, D)
         decoder_input = x  # long skip: the decoder re-reads the patch embedding
         span = RouteSpan(route, self.rope(grid, hidden_states.device), num_video, sharding)
-        captured = None
 
+        # A training-free step cache may stand in for every block (model/step_cache.py). When it ran the first
+        # block as its probe and still asks for the rest, the rest runs as usual, the encoder cache included.
+        first, reused = self._consult_step_cache(step_cache, x, context, temb, span, text, grid, route,
+                                                 capture_block)
+        if reused is not None:
+            x = reused
+        else:
+            x, captured = self._stages(x, context, temb, span, text, grid, capture_block, encoder_cache, route,
+                                       first)
+            if step_cache is not None:
+                step_cache.store(decoder_input, first[0] if first is not None else None, x)
+        # 5. Output head: AdaLN-continuous -> linear -> unpatchify
+        x = sharding.gather(x, num_video)  # (B, N, D)
+        x = self.proj_out(self.norm_out(x, temb))  # (B, N, C_out * pt * p * p)
+        p, pt = c.patch_size, c.patch_size_t
+        x = x.reshape(batch, *grid, -1, pt, p, p)  # (B, T', H', W', C, pt, p, p)
+        x = x.permute(0, 4, 1, 5, 2, 6, 3, 7).reshape(batch, -1, frames, height, width)
+        return (x, captured) if capture_block is not None else x
+
+    def _stages(self, x, context, temb, span: RouteSpan, text: "ContextTokens", grid, capture_block,
+                encoder_cache: EncoderCache | None, route: TokenRoute | None, first=None):
+        """Stages 2-4: the patch embedding `x` (B, N_local, D) -> the tokens the output head reads, and the captured
+        block output (or None). `first`: the (video, context) output of the first dual-stream block when a step
+        cache's probe ran it already."""
+        c, sharding = self.config, self.sequence_sharding
+        decoder_input = x  # long skip: the decoder re-reads the patch embedding
+        captured = None
         if self._reuse_encoder(encoder_cache, x, route):
             x = encoder_cache.tokens  # the encoder's output from an earlier sampling step
         else:
             # 2. Early fusion: dual-stream blocks, video and text with separate weights, one joint attention
             inputs = self._encoder_inputs(x, span, text, grid)
-            for index, block in enumerate(self.transformer_blocks):
+            start = 0
+            if first is not None:  # a step cache's probe ran block 0 already
+                x, context = first
+                start = 1
+            for index, block in enumerate(self.transformer_blocks[start:], start=start):
                 if span.moves_at(index):  # TREAD: the route's blocks see only the kept video tokens
                     (x,) = span.move(x)
                     inputs = self._encoder_inputs(x, span, text, grid)
@@ -261,13 +295,23 @@ class MotifVideoTransformer(nn.Module):
         if span.active:  # a route that runs to the last block
             x, context = span.exit(x, context)
 
-        # 5. Output head: AdaLN-continuous -> linear -> unpatchify
-        x = sharding.gather(x, num_video)  # (B, N, D)
-        x = self.proj_out(self.norm_out(x, temb))  # (B, N, C_out * pt * p * p)
-        p, pt = c.patch_size, c.patch_size_t
-        x = x.reshape(batch, *grid, -1, pt, p, p)  # (B, T', H', W', C, pt, p, p)
-        x = x.permute(0, 4, 1, 5, 2, 6, 3, 7).reshape(batch, -1, frames, height, width)
-        return (x, captured) if capture_block is not None else x
+        return x, captured
+
+    def _consult_step_cache(self, cache: StepCacheState | None, x, context, temb, span: RouteSpan,
+                            text: "ContextTokens", grid, route: TokenRoute | None, capture_block):
+        """(the first block's (video, context) output if the cache probes it, else None; the blocks' output taken
+        from earlier steps, or None to run them)."""
+        if cache is None:
+            return None, None
+        if route is not None or capture_block is not None:
+            raise MotifVideoError("a step cache is an inference option; it cannot be combined with token routing or "
+                                  "block capture")
+        if self.sequence_sharding is not NO_SHARDING:  # each process would judge its own shard and could disagree
+            raise MotifVideoError("a step cache cannot be combined with sequence sharding")
+        first = None
+        if cache.needs_first_block:
+            first = self.transformer_blocks[0](x, context, temb, self._encoder_inputs(x, span, text, grid))
+        return first, cache.lookup(x, first[0] if first is not None else None)
 
     def _embed_context(self, encoder_hidden_states, encoder_attention_mask, image_embeds):
         """Context tokens (B, N_img + L, D) and what attention needs to know of them."""

@@ -15,7 +15,6 @@ instead measures the drift once per model and places a fixed number of refreshes
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -23,7 +22,6 @@ import numpy as np
 import torch
 
 from ..errors import MotifVideoError
-from ..files import atomic_write_text
 
 
 # Generic prompts: the drift pattern over steps is a property of the model and the noise schedule, not the prompt.
@@ -116,9 +114,7 @@ def measure_drift(pipe, prompts: Sequence[str], seeds: Sequence[int] = (0,), **c
 def save_schedule(folder: str | Path, refresh: Sequence[int], steps: int) -> Path:
     """Make `refresh` the default schedule of the model folder (its motif_video.json, other settings kept), with
     the largest uniform factor that runs the encoder at least as often as the fallback at other step counts."""
-    path = Path(folder) / "motif_video.json"
-    data = json.loads(path.read_text()) if path.is_file() else {}
-    generation = data.setdefault("generation", {})
-    generation["encoder_refresh"] = check_refresh(refresh, steps)
-    generation["encoder_reuse"] = fallback_reuse(steps, len(generation["encoder_refresh"]))
-    return atomic_write_text(path, json.dumps(data, indent=2) + "\n")
+    from ..model_folder import update_generation_defaults
+
+    refresh = check_refresh(refresh, steps)
+    return update_generation_defaults(folder, encoder_refresh=refresh, encoder_reuse=fallback_reuse(steps, len(refresh)))

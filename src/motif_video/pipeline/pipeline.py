@@ -16,6 +16,7 @@ import torch
 from ..errors import MotifVideoError
 from ..latents import check_video_size, model_input
 from ..lora.loader import LoraLoaderMixin
+from ..model.step_cache import StepCache
 from ..model.transformer import EncoderCache, MotifVideoTransformer
 from ..model_folder import GenerationDefaults, ModelFolder, default_device_dtype
 from .encoder_schedule import check_refresh, uniform_refresh
@@ -185,6 +186,7 @@ class MotifVideoPipeline(LoraLoaderMixin):
         solver: str | None = None,
         encoder_reuse: int | None = None,
         encoder_refresh: list[int] | None = None,
+        cache: StepCache | None = None,
         batch_guidance: bool | None = None,
         progress: bool = True,
         encoder_trace: list | None = None,
@@ -201,6 +203,13 @@ class MotifVideoPipeline(LoraLoaderMixin):
         instead; `encoder_reuse=1` is exact. Unset, both come from the model's defaults (`encoder_refresh` applies
         at the default step count only). `encoder_trace`: a list that receives, per step, the encoder's output of
         each guidance branch (exact sampling; for `encoder_schedule.measure_drift`).
+
+        `cache`: a training-free step cache (`FirstBlockCache`, `MagCache`, `TaylorSeer` from
+        motif_video.model.step_cache) that skips the transformer's blocks on some steps; exact at threshold 0 /
+        interval 1. Each guidance branch then runs as its own forward with its own cache history (so guidance is
+        never batched), and afterwards `cache.computed` / `cache.skipped` count the transformer calls. It composes
+        with encoder reuse: a step the cache skips runs nothing, and an encoder refresh that falls on it moves to
+        the next step that runs the blocks.
 
         `callback(StepInfo)` runs after every step (`hooks.StepInfo`: step, timestep, latents, and with
         `preview=True` the predicted clean first frame as uint8). Returning True from it, or setting `interrupt`
@@ -232,8 +241,9 @@ class MotifVideoPipeline(LoraLoaderMixin):
         first_frame = self._image_tensor(image, height, width) if image is not None else None
         self._activate(self.prompts.text_encoder)
         image_tokens = self._image_tokens(first_frame) if first_frame is not None else None
-        batched = use_guidance and (d.batch_guidance if batch_guidance is None else batch_guidance) \
-            and self.guidance_branches is None
+        # a step cache keeps one history per guidance branch, so the branches run as separate forwards
+        batched = use_guidance and cache is None and self.guidance_branches is None \
+            and (d.batch_guidance if batch_guidance is None else batch_guidance)
         dtype = next(self.transformer.parameters()).dtype
         conditions = [self.prompts.encode(prompts)] + ([self.prompts.encode(negatives)] if use_guidance else [])
         if batched:  # cond and uncond run as one batch through the transformer
@@ -263,27 +273,33 @@ class MotifVideoPipeline(LoraLoaderMixin):
         tracing = encoder_trace is not None  # exact sampling, with caches that expose every step's encoder output
         refresh = set(range(steps)) if tracing else self._encoder_refresh(steps, encoder_reuse, encoder_refresh)
         caches = [EncoderCache() if tracing or len(refresh) < steps else None for _ in conditions]
+        step_caches = cache.begin(steps, len(conditions), d) if cache is not None else [None] * len(conditions)
+        missed_refresh = [False] * len(conditions)  # an encoder refresh that fell on a step the step cache skipped
         self._activate(self.transformer)
         hooks = StepHooks(steps, callback, interrupt, progress, self._preview if preview else None)
         for i, t in enumerate(scheduler.timesteps):
             hooks.check(i)
 
             def branch(index: int, t=t, i=i, latents=latents) -> torch.Tensor:
-                (text, text_mask), cache = conditions[index], caches[index]
-                if cache is not None:
-                    cache.refresh = i in refresh
+                (text, text_mask), encoder_cache, step_cache = conditions[index], caches[index], step_caches[index]
+                if encoder_cache is not None:
+                    encoder_cache.refresh = i in refresh or missed_refresh[index]
+                skipped_before = step_cache.skipped if step_cache is not None else 0
                 copies = text.shape[0] // batch
                 hidden = model_input(latents, first_latent).repeat(copies, 1, 1, 1, 1).to(dtype)
                 images = image_tokens.expand(text.shape[0], -1, -1) if image_tokens is not None else None
-                return self.transformer(hidden, t.expand(hidden.shape[0]).to(device), text, text_mask, images,
-                                        encoder_cache=cache).float()
+                velocity = self.transformer(hidden, t.expand(hidden.shape[0]).to(device), text, text_mask, images,
+                                            encoder_cache=encoder_cache, step_cache=step_cache).float()
+                if encoder_cache is not None and step_cache is not None:
+                    missed_refresh[index] = encoder_cache.refresh and step_cache.skipped > skipped_before
+                return velocity
 
             if self.guidance_branches is not None:
                 velocities = self.guidance_branches.run(branch, len(conditions))
             else:
                 velocities = [branch(index) for index in range(len(conditions))]
             if encoder_trace is not None:
-                encoder_trace.append([cache.tokens.detach().cpu() for cache in caches])
+                encoder_trace.append([c.tokens.detach().cpu() for c in caches])
             velocity = torch.cat(velocities)
             if guidance is not None:
                 velocity = guidance(*velocity.chunk(2))
