@@ -18,8 +18,14 @@ from motif_video.pipeline.pipeline import generate_to_file
 from motif_video.pipeline.video_io import read_video
 from motif_video.serve.lora import lora_supported
 
+from tests.lora.test_lora import in_style, random_factors
+
 from .conftest import TINY_DEFAULTS, poll_until_done, thread_server, wait_for
 
+# Modules of the tiny transformer that the served adapter changes (rank, alpha); through its small random weights
+# only an update of the output projection moves the decoded frames by more than a few levels.
+LORA_TARGETS = {"transformer_blocks.0.attn.to_q": (4, 8.0), "single_transformer_blocks.0.cross_attn.to_v": (4, 8.0),
+                "proj_out": (4, 8.0)}
 JOB = {"size": "32x32", "num_frames": 9, "num_inference_steps": 2, "guidance_scale": 4.0}
 
 
@@ -193,13 +199,57 @@ def test_cancel_a_running_job_between_steps(client, server):
     assert not files.video(long_job["id"]).exists() and not files.thumbnail(long_job["id"]).exists()
 
 
-def test_loras_are_refused_when_the_pipeline_cannot_load_them(client, tiny_pipe):
+def test_an_unknown_lora_is_refused_with_its_code(client, tiny_pipe):
+    assert lora_supported(tiny_pipe)
     response = client.post("/v1/videos", json={"prompt": "a cat", "loras": [{"name": "style", "scale": 0.8}]})
     assert response.status_code == 400
-    expected = "lora_not_found" if lora_supported(tiny_pipe) else "lora_unavailable"
-    assert response.json()["error"]["code"] == expected
-    if not lora_supported(tiny_pipe):
-        assert "LoRA loading is unavailable" in response.json()["error"]["message"]
+    assert response.json()["error"]["code"] == "lora_not_found"
+    assert "start the server with --lora-dir" in response.json()["error"]["message"]
+
+
+def generate_command(tiny_model, out, prompt, seed, *extra) -> None:
+    assert cli_main(["generate", prompt, "-o", str(out), "--model", str(tiny_model), "--seed", str(seed),
+                     "--height", "32", "--width", "32", "--frames", "9", "--steps", "2", "--guidance-scale", "4",
+                     "--quiet", *extra]) == 0
+
+
+def served_frames(client, job_id, out) -> np.ndarray:
+    assert poll_until_done(client, job_id)["status"] == "completed"
+    out.write_bytes(client.get(f"/v1/videos/{job_id}/content").content)
+    return read_video(out)
+
+
+def test_a_job_with_a_lora_equals_generate_with_it_and_the_next_job_is_without_it(tiny_model, tmp_path):
+    from motif_video.pipeline.pipeline import MotifVideoPipeline
+
+    # A pipeline of its own: the adapter must not leak into the shared one if this test fails half-way.
+    pipe = MotifVideoPipeline.from_pretrained(tiny_model, device="cpu")
+    lora_dir = tmp_path / "loras"
+    lora_dir.mkdir()
+    factors = random_factors(pipe.transformer, LORA_TARGETS, seed=3)
+    adapter = in_style(factors, "diffusers_no_header", tmp_path).rename(lora_dir / "style.safetensors")
+    (lora_dir / "torn.safetensors").write_bytes(b"not a safetensors file")
+    prompt, seed = "a red circle moving left", 5
+
+    with thread_server(pipe, tmp_path / "data", lora_dir=lora_dir) as (url, _), \
+            httpx.Client(base_url=url, timeout=30) as client:
+        assert client.get("/v1/loras").json() == {"object": "list", "available": True,
+                                              "data": [{"name": "style"}, {"name": "torn"}]}
+        with_lora = submit(client, prompt=prompt, seed=seed, loras=[{"name": "style", "scale": 0.7}])
+        assert with_lora["loras"] == [{"name": "style", "scale": 0.7}]
+        served_lora = served_frames(client, with_lora["id"], tmp_path / "served-lora.mp4")
+        # "style" loads, then "torn" fails: the job fails alone and neither stays on for the next job.
+        half = submit(client, prompt=prompt, seed=seed, loras=[{"name": "style", "scale": 1.0}, {"name": "torn"}])
+        failed = poll_until_done(client, half["id"])
+        assert failed["status"] == "failed" and failed["error"]["code"] == "invalid_input", failed
+        without = submit(client, prompt=prompt, seed=seed)
+        served_plain = served_frames(client, without["id"], tmp_path / "served-plain.mp4")
+
+    generate_command(tiny_model, tmp_path / "cli-lora.mp4", prompt, seed, "--lora", f"{adapter}:0.7")
+    generate_command(tiny_model, tmp_path / "cli-plain.mp4", prompt, seed)
+    np.testing.assert_array_equal(served_lora, read_video(tmp_path / "cli-lora.mp4"))
+    np.testing.assert_array_equal(served_plain, read_video(tmp_path / "cli-plain.mp4"))
+    assert np.abs(served_lora.astype(int) - served_plain.astype(int)).max() > 8, "the adapter changed nothing"
 
 
 def test_jobs_past_the_memory_estimate_or_limits_are_refused(tiny_pipe, tmp_path):

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from motif_video.errors import MotifVideoError
+
 LORA_METHODS = ("load_lora_weights", "set_adapters", "unload_lora_weights")
 
 
@@ -31,7 +33,15 @@ class LoraState:
             self.pipe.unload_lora_weights()
             self.active = []
         if loras:
-            for name, _ in loras:
-                self.pipe.load_lora_weights(str(files[name]), adapter_name=name)
-            self.pipe.set_adapters([n for n, _ in loras], [s for _, s in loras])
+            missing = [name for name, _ in loras if name not in files]
+            if missing:  # removed from --lora-dir after the job was accepted
+                raise MotifVideoError(f"LoRA {missing[0]!r} is no longer in the LoRA folder")
+            try:
+                for name, _ in loras:
+                    self.pipe.load_lora_weights(str(files[name]), adapter_name=name)
+                self.pipe.set_adapters([n for n, _ in loras], [s for _, s in loras])
+            except BaseException:
+                # A set that failed half-way must not stay on for the next job, which thinks it has none.
+                self.pipe.unload_lora_weights()
+                raise
             self.active = loras
