@@ -97,19 +97,33 @@ def check_writable_dir(folder: str | os.PathLike, what: str = "output") -> Path:
 def remove_stale_temps(path: str | os.PathLike) -> None:
     """Remove temporaries of `path` left by processes that no longer exist (a SIGKILL mid-write)."""
     path = Path(path)
-    try:
-        entries = list(os.scandir(path.parent))
-    except OSError:
-        return
-    for entry in entries:
-        m = _TEMP.match(entry.name)
-        if not m or m["name"] != path.name or _alive(int(m["pid"])):
-            continue
+    for entry in _stale_temps(path.parent).pop(path.name, []):
         with contextlib.suppress(OSError):
             if entry.is_dir(follow_symlinks=False):
                 shutil.rmtree(entry.path)
             else:
                 os.unlink(entry.path)
+
+
+# folder -> {output name: its dead writers' temporaries}. A folder is scanned once per process: writers that die
+# later are rare, and rescanning before each of thousands of files (a dataset) would cost quadratic time.
+_stale_by_folder: dict[str, dict[str, list[os.DirEntry]]] = {}
+
+
+def _stale_temps(folder: Path) -> dict[str, list[os.DirEntry]]:
+    key = os.path.abspath(folder)
+    if key not in _stale_by_folder:
+        found: dict[str, list[os.DirEntry]] = {}
+        try:
+            entries = list(os.scandir(folder))
+        except OSError:
+            entries = []
+        for entry in entries:
+            m = _TEMP.match(entry.name)
+            if m and not _alive(int(m["pid"])):
+                found.setdefault(m["name"], []).append(entry)
+        _stale_by_folder[key] = found
+    return _stale_by_folder[key]
 
 
 def _alive(pid: int) -> bool:

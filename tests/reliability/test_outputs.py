@@ -248,3 +248,27 @@ def test_convert_in_place_and_onto_a_model_folder(capsys, tmp_path, monkeypatch)
     rc, _, err = run_cli(capsys, "convert", model, model, "--to", "original")
     assert_user_error(rc, err, "no space left")
     assert snapshot(model) == before and hidden_entries(model) == []
+
+
+@pytest.mark.parametrize("name, count, words", [("cuda:1", 1, "1 CUDA device(s)"), ("cuda:0", 0, "no CUDA device"),
+                                                ("cuda", 0, "no CUDA device")])
+def test_cuda_device_index_is_checked_against_the_machine(monkeypatch, name, count, words):
+    from motif_video.errors import MotifVideoError
+    from motif_video.pipeline.pipeline import check_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: count > 0)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: count)
+    with pytest.raises(MotifVideoError, match=words.replace("(", r"\(").replace(")", r"\)")):
+        check_device(name)
+
+
+def test_memory_refusal_names_what_it_needs(capsys, tiny, tmp_path, monkeypatch):
+    from motif_video.commands import estimate
+
+    monkeypatch.setattr(estimate, "available_memory", lambda device: 2**26)  # a machine with 64 MiB free
+    rc, _, err = run_cli(capsys, "generate", "a red circle", "--model", tiny, "-o", tmp_path / "a.mp4",
+                         "--height", "512", "--width", "512", "--frames", "33", "--steps", "1", "--quiet")
+    line = assert_user_error(rc, err, "512x512 with 33 frames", "only 0.1 GiB")
+    # the decoded frames alone: 33 x 512 x 512 x 3 float32 values, held four times
+    assert float(line.split("about ")[1].split(" GiB")[0]) >= 4 * 33 * 512 * 512 * 3 * 4 / 2**30 - 0.05
+    assert list(tmp_path.iterdir()) == []
