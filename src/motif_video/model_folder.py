@@ -95,6 +95,9 @@ def _setting(path: Path, name: str, value, default):
         ok, want = number(value), "finite number"
     elif isinstance(default, str):
         ok, want = isinstance(value, str), "string"
+    elif name == "magcache_ratios":
+        ok = value is None or isinstance(value, list) and all(number(v) and v > 0 for v in value)
+        want = "list of positive numbers"
     else:  # encoder_refresh
         ok = value is None or isinstance(value, list) and all(isinstance(v, int) and v >= 0 for v in value)
         want = "list of step numbers"
