@@ -32,8 +32,9 @@ def register(subparsers) -> None:
     p.add_argument("--batch-size", type=int, default=8, help="clips encoded together (per process)")
     p.add_argument("--limit", type=int, default=None, help="cache only the first this many clips of the dataset")
     p.add_argument("--shard-size", type=float, default=1024.0, help="size of each written shard, in MiB")
-    p.add_argument("--device", default=None)
-    p.add_argument("--quiet", action="store_true")
+    p.add_argument("--device", default=None,
+                   help="cpu, cuda, cuda:N (default: cuda if available; under torchrun each process takes its own GPU)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=run)
 
 

@@ -19,13 +19,13 @@ def register(subparsers) -> None:
     p.add_argument("--teacher", default="motif-video-nano", help="teacher model folder or built-in name")
     p.add_argument("--prompts", type=int, default=1024, help="teacher trajectories to sample")
     p.add_argument("--steps", type=int, default=1500, help="distillation steps")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of the teacher trajectories and the training run")
     p.add_argument("--eval-prompts", type=int, default=105, help="held-out prompts to evaluate (0: skip)")
     p.add_argument("--trajectories-from", default=None,
                    help="reuse a `motif-video distill-data` folder instead of sampling the teacher")
     p.add_argument("--override", "-o", action="append", default=[], metavar="KEY=VALUE",
                    help="a training config value, e.g. optim.lr=3e-4 (repeatable)")
-    p.add_argument("--quiet", action="store_true")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=run)
 
 

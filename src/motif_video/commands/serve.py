@@ -54,7 +54,8 @@ def register(subparsers) -> None:
     p.add_argument("--preview", action=argparse.BooleanOptionalAction, default=True,
                    help="decode the predicted first frame after every step for the live preview (costs one "
                         "one-frame VAE decode per step; see docs/serve.md)")
-    p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"],
+                   help="uvicorn's log level")
     p.set_defaults(func=run)
 
 

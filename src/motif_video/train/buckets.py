@@ -329,7 +329,7 @@ class BucketBatchSampler(ResumableBatchSampler):
         self.batch_sizes = self._resolve_batch_sizes(batch_size)
         if not self.batches(0):
             raise ConfigError("the sampler yields no batches: every bucket holds fewer samples than one global batch "
-                              "(lower the batch size or set drop_last=False)")
+                              "(lower data.batch_size, or give a per-frame-count map such as {1: 64, 17: 8})")
 
     def _resolve_batch_sizes(self, batch_size) -> dict[int, int]:
         used = sorted(set(self.bucket_of.tolist()))

@@ -58,7 +58,7 @@ class DataSection:
     cache_dirs: list[str] = field(default_factory=list)  # folders written by `motif-video cache`
     # GLOBAL batch (all ranks together; each rank takes batch_size / world_size), or per frame count {1: 64, 33: 16}
     batch_size: int | dict[int, int] = 4
-    interleave: str = "I-V-V"  # order of image (I) and video (V) batches; "" mixes buckets freely
+    interleave: str | None = "I-V-V"  # order of image (I) and video (V) batches; "" or null mixes buckets freely
     buckets: list[str] | None = None  # keep only these bucket keys (None: all in the cache)
     text_encoder: str | None = None  # if set, every cache must have been written with this text encoder
     num_workers: int = 0
