@@ -254,7 +254,7 @@ def test_convert_in_place_and_onto_a_model_folder(capsys, tmp_path, monkeypatch)
                                                 ("cuda", 0, "no CUDA device")])
 def test_cuda_device_index_is_checked_against_the_machine(monkeypatch, name, count, words):
     from motif_video.errors import MotifVideoError
-    from motif_video.pipeline.pipeline import check_device
+    from motif_video.model_folder import check_device
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: count > 0)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: count)
