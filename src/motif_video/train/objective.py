@@ -56,17 +56,21 @@ class TrainModule(nn.Module):
         """(velocity (B, 16, T, H, W), REPA loss or None). The REPA term is computed only when `teacher` is given.
         `encoder_from` (hidden states, timestep): the encoder runs on these and the velocity reuses its output, as
         sampling with encoder reuse does (few-step distillation). Both passes run inside this one call: under FSDP2
-        the root's parameters stay gathered until the backward through both has finished."""
-        reuse = {}
+        the root's parameters stay gathered until the backward through both has finished, and the encoder pass's
+        output joins the result with weight 0 so that FSDP2's pre-backward hook of that call fires (the encoder's
+        tokens alone leave it, and its gathered weights, out of backward)."""
+        reuse, encoder_pass = {}, None
         if encoder_from is not None:
             from ..model.transformer import EncoderCache
 
             cache = EncoderCache()
-            self.transformer(*encoder_from, text, text_mask, image_embeds, encoder_cache=cache)  # fills cache.tokens
+            encoder_pass = self.transformer(*encoder_from, text, text_mask, image_embeds, encoder_cache=cache)
             cache.refresh = False
             reuse = {"encoder_cache": cache}
         if teacher is None or self.aligner is None:
             velocity = self.transformer(hidden_states, timestep, text, text_mask, image_embeds, route=route, **reuse)
+            if encoder_pass is not None:
+                velocity = velocity + 0.0 * encoder_pass
             return velocity, None
         velocity, tokens = self.transformer(hidden_states, timestep, text, text_mask, image_embeds, route=route,
                                             capture_block=self.align_block, **reuse)
