@@ -66,9 +66,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _show_warning(message, category, filename, lineno, file=None, line=None, _default=warnings.showwarning):
     if issubclass(category, MotifVideoWarning):
-        print(f"warning: {message}", file=sys.stderr)
+        _say(f"warning: {message}")
     else:
         _default(message, category, filename, lineno, file, line)
+
+
+def _say(line: str) -> None:
+    """One line to stderr in a single write: under torchrun every rank prints its own, and separate writes of the
+    text and its newline would interleave across processes."""
+    sys.stderr.write(line + "\n")
+    sys.stderr.flush()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -85,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
             return int(args.func(args) or 0)
     except MotifVideoError as e:
         message = " ".join(str(e).split())  # always one line, whatever a wrapped library message held
-        print(f"error: {message}", file=sys.stderr)
+        _say(f"error: {message}")
         return 2
     except Terminated:
         print("terminated", file=sys.stderr)
