@@ -31,11 +31,33 @@ def run(args: list[str], processes: int, cwd) -> subprocess.CompletedProcess:
         command = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={processes}",
                    f"--master_port={free_port()}", "-m", "motif_video.cli", "train", *args]
     result = subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=240)
+    if result.returncode != 0 and "SIGSEGV" in result.stderr:
+        raise NativeCrash(result.stderr[-3000:])
     assert result.returncode == 0, result.stderr[-3000:]
     return result
 
 
+class NativeCrash(Exception):
+    """A training process died of SIGSEGV inside torch's CPU collectives (seen once in about a dozen full runs of
+    this suite, never reproduced alone); the test that hit it is run again once in a fresh folder."""
+
+
+def once_more_after_a_native_crash(test):
+    import functools
+
+    @functools.wraps(test)
+    def wrapper(tmp_path):
+        try:
+            return test(tmp_path / "first")
+        except NativeCrash:
+            return test(tmp_path / "second")
+
+    return wrapper
+
+
+@once_more_after_a_native_crash
 def test_two_processes_match_one_and_resume(tmp_path):
+    tmp_path.mkdir(parents=True)
     cache = make_cache(tmp_path / "cache", n_images=4, n_videos=4)
     config = base_config(tmp_path, cache,
                          data={"cache_dirs": [str(cache)], "batch_size": 4},
