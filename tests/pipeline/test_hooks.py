@@ -9,19 +9,8 @@ import torch
 from motif_video import MotifVideoPipeline
 from motif_video.cli import main as cli_main
 from motif_video.errors import GenerationInterrupted
-from motif_video.testing import save_tiny_pipeline
 
 SIZE = dict(height=32, width=32, num_frames=9)
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    return save_tiny_pipeline(tmp_path_factory.mktemp("tiny") / "model", shift=15.0, guidance_scale=4.0)
-
-
-@pytest.fixture(scope="module")
-def pipe(model_dir):
-    return MotifVideoPipeline.from_pretrained(model_dir, device="cpu")
 
 
 def test_callback_sees_every_step_and_leaves_the_result_unchanged(pipe):

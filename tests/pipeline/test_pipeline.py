@@ -12,19 +12,8 @@ from motif_video.cli import main as cli_main
 from motif_video.errors import CheckpointError, MotifVideoError
 from motif_video.pipeline.guidance import AdaptiveProjectedGuidance
 from motif_video.pipeline.video_io import probe_video
-from motif_video.testing import save_tiny_pipeline
 
 SIZE = dict(height=32, width=32, num_frames=9)
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    return save_tiny_pipeline(tmp_path_factory.mktemp("tiny") / "model", shift=15.0, guidance_scale=4.0)
-
-
-@pytest.fixture(scope="module")
-def pipe(model_dir):
-    return MotifVideoPipeline.from_pretrained(model_dir, device="cpu")
 
 
 def noise(seed=0):
