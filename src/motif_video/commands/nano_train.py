@@ -25,7 +25,8 @@ def register(subparsers) -> None:
     p.add_argument("--images", type=int, default=plan.images, help="training images to generate")
     p.add_argument("--codec-steps", type=int, default=plan.codec_steps, help="latent codec training steps")
     p.add_argument("--codec-budget", type=float, default=plan.codec_budget_s,
-                   help="codec training time limit in seconds")
+                   help="codec training time cap in seconds (default: none, so the codec, and everything trained on it, "
+                        "does not depend on the machine's speed)")
     p.add_argument("--teacher-steps", type=int, default=plan.teacher_steps,
                    help="REPA teacher training steps")
     p.add_argument("--stage-steps", type=int, nargs=3, default=list(plan.stage_steps), metavar=("S1", "S2", "S3"),
