@@ -1,10 +1,10 @@
 """Per-process activation memory of one transformer forward under context parallelism, on CPU with gloo.
 
 The nano architecture (4 heads) at a fixed clip of 8 x 32 x 32 latents (2,048 video tokens) and 16 text tokens, batch
-2, fp32, no gradient: for 1, 2 and 4 processes (Ulysses up to 4, as `generate` chooses by default, and ring 2 x
-Ulysses 2 for 4), each process measures the peak bytes of everything but parameters and buffers while the forward
-runs, with torch's MemTracker (the same tracker tests/test_estimate.py holds the activation model to). Beside it:
-`estimate`'s activation model at the per-process token count.
+2, fp32, no gradient: for 1, 2 and 4 processes under Ulysses alone, ring alone and Ulysses 2 x ring 2, each process
+measures the peak bytes of everything but parameters and buffers while the forward runs, with torch's MemTracker
+(the same tracker tests/test_estimate.py holds the activation model to). Beside it: `estimate`'s activation model
+at the per-process token count.
 
     python benchmarks/context_memory.py --json benchmarks/results/context_memory.json
 """
@@ -25,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 LATENT = (8, 32, 32)
 TEXT = 16
 BATCH = 2
-GRIDS = [(1, 1), (2, 1), (4, 1), (2, 2), (1, 4)]  # (ulysses, ring)
+GRIDS = [(1, 1), (2, 1), (1, 2), (4, 1), (2, 2), (1, 4)]  # (ulysses, ring)
 
 
 def tracked_peak(rank: int, world: int, ulysses: int, ring: int) -> int:

@@ -192,7 +192,9 @@ class ContextTraffic:
     - Ulysses: all-to-all of q, k, v and the output, each n x D values, of which (U - 1) / U leave the process;
       replicated text/image tokens are only head-sliced (their attention output is all-gathered over heads:
       (U - 1) / U x L x D);
-    - ring: every process receives the other R - 1 ring ranks' key and value blocks, each (U n) tokens x D / U;
+    - ring: every process receives the other R - 1 ring ranks' key and value blocks, each (U n) tokens x D / U
+      (passed around the ring), and their partial attention outputs for the replicated queries, each L x (D + H) / U
+      (output and log-sum-exp, all-gathered);
     - at the output head, the final video tokens are gathered: (U R - 1) x n x D received.
     Shared Cross-Attention (sharded queries, replicated text keys) sends nothing.
     """
@@ -209,12 +211,12 @@ class ContextTraffic:
 
 def context_traffic(c: TransformerConfig, num_video: int, context_tokens: int, ulysses: int, ring: int,
                     value_bytes: int) -> ContextTraffic:
-    d, parts = c.hidden_size, ulysses * ring
+    d, heads, parts = c.hidden_size, c.num_attention_heads, ulysses * ring
     n = -(-num_video // parts)
 
     def attention(local: int, replicated: int) -> float:
         sent = 4 * local * d * (ulysses - 1) / ulysses + replicated * d * (ulysses - 1) / ulysses
-        return sent + 2 * (ring - 1) * local * d
+        return sent + (ring - 1) * (2 * local * d + replicated * (d + heads) / ulysses)
 
     encoder_blocks = c.num_layers + c.num_encoder_single_layers
     encoder = encoder_blocks * attention(n, context_tokens)

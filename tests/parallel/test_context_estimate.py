@@ -10,9 +10,9 @@ from motif_video.model.config import preset
 
 def test_traffic_by_hand():
     c = preset("motif-video-tiny")  # D 32, 1 dual + 2 encoder + 1 decoder blocks
-    d, n = 32, 25  # 100 video tokens over 2 x 2
+    d, h, n = 32, 2, 25  # 100 video tokens over 2 x 2
     t = context_traffic(c, 100, 8, ulysses=2, ring=2, value_bytes=2)
-    per_encoder_attention = 4 * n * d / 2 + 8 * d / 2 + 2 * n * d
+    per_encoder_attention = 4 * n * d / 2 + 8 * d / 2 + 2 * n * d + 8 * (d + h) / 2
     per_decoder_attention = 4 * 2 * n * d / 2 + 2 * 2 * n * d
     assert t.encoder == 2 * 3 * per_encoder_attention
     assert t.decoder == 2 * (per_decoder_attention + 3 * n * d)

@@ -5,7 +5,8 @@ two process groups (CFG-parallel), applied to a model from outside (see docs/par
     apply_context_parallel(transformer, grid)                  # sharding hook + attention backend
 
 - grid.py: the process grid and its groups; sharding.py: the `SequenceSharding` hook (chunks + padding);
-  ulysses.py: the all-to-alls; ring.py: the exact log-sum-exp merge; attention.py: the backend that uses both;
+  ulysses.py: the all-to-alls; ring.py: ring attention (K/V blocks passed point to point, exact log-sum-exp
+  merge); attention.py: the backend that uses both;
   guidance.py: CFG-parallel branches for the pipeline; launch.py: process-group setup for the CLI.
 """
 

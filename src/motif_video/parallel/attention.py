@@ -6,9 +6,10 @@ encoder streams) and which are replicated (text, image tokens):
 - keys with no sharded segment (Shared Cross-Attention: sharded queries over the text) need nothing from other
   ranks: the inner kernel runs on the local queries;
 - otherwise Ulysses turns the sharded segments' sequence split into a head split (all-to-all), while the
-  replicated segments, whole on every rank already, are only head-sliced; ring attention then runs the queries over
-  every ring rank's sharded key block and, once, over the replicated keys, merging the partial results exactly
-  (ring.py). Queries of replicated segments come back whole on every rank (their heads all-gathered).
+  replicated segments, whole on every rank already, are only head-sliced; ring attention then runs the sharded
+  queries over every ring rank's sharded key block as the blocks pass around the ring and, once, over the
+  replicated keys, merging the partial results exactly (ring.py). Queries of replicated segments come back whole
+  on every rank (their heads all-gathered).
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from ..model.backends import DEFAULT_BACKEND, AttentionBackend
 from ..model.layout import GRID_KINDS, AttentionLayout, AttentionSite
 from .collectives import all_gather
 from .grid import ContextGrid
-from .ring import merge_partials, partial_attention
+from .ring import merge, partial_attention, ring_attention
 from .ulysses import gather_heads, gather_mask, head_slice, heads_to_sequence, sequence_to_heads
 
 
@@ -64,6 +65,7 @@ class ContextParallelAttention(AttentionBackend):
             if m_sh is not None:
                 m_sh = torch.cat(gather_mask(m_sh, group), dim=3)
         queries = _cat([t for t in (q_sh, q_rep) if t is not None], 2)  # (B, H/U, n_sh + n_rep, hd)
+        n_sh = q_sh.shape[2] if q_sh is not None else 0
 
         if self.ring == 1:
             keys = _cat([k_sh, k_rep] if k_rep is not None else [k_sh], 2)
@@ -73,25 +75,41 @@ class ContextParallelAttention(AttentionBackend):
                 mask = _cat([m_sh, m_rep] if m_rep is not None else [m_sh], 3)
             out = self.inner(queries, keys, values, mask, layout, site)
         else:
-            out = self._ring(queries, k_sh, v_sh, m_sh, k_rep, v_rep, m_rep).to(q.dtype)
+            out = self._ring(queries, n_sh, k_sh, v_sh, m_sh, k_rep, v_rep, m_rep).to(q.dtype)
 
-        n_sh = q_sh.shape[2] if q_sh is not None else 0
         out_sh, out_rep = out[:, :, :n_sh], out[:, :, n_sh:]
         if self.ulysses > 1:
             out_sh = heads_to_sequence(out_sh, self.ulysses, g.ulysses_group) if n_sh else out_sh
             out_rep = gather_heads(out_rep, g.ulysses_group) if out_rep.shape[2] else out_rep
         return self._reassemble(out_sh, out_rep, layout.query)
 
-    def _ring(self, q, k_sh, v_sh, m_sh, k_rep, v_rep, m_rep):
-        """Attention of q over every ring rank's sharded key block, then over the local replicated keys (once)."""
+    def _ring(self, q, n_sh, k_sh, v_sh, m_sh, k_rep, v_rep, m_rep):
+        """Attention of q (its first n_sh queries sharded, the rest replicated) over every ring rank's sharded key
+        block, then over the local replicated keys (once)."""
         group = self.grid.ring_group
-        keys = all_gather(k_sh.contiguous(), group)
-        values = all_gather(v_sh.contiguous(), group)
-        masks = gather_mask(m_sh, group) if m_sh is not None else [None] * self.ring
-        partials = [partial_attention(q, kb, vb, mb) for kb, vb, mb in zip(keys, values, masks, strict=True)]
-        if k_rep is not None:
-            partials.append(partial_attention(q, k_rep, v_rep, m_rep))
-        return merge_partials(partials)
+        outputs = []
+        if n_sh:
+            q_sh = q[:, :, :n_sh]
+            out, lse = ring_attention(q_sh, k_sh, v_sh, m_sh, group)
+            if k_rep is not None:
+                out, lse = merge(out, lse, *partial_attention(q_sh, k_rep, v_rep, m_rep))
+            outputs.append(out)
+        if q.shape[2] > n_sh:
+            # The replicated queries must come out with the same bits on every rank (the text stream stays
+            # replicated), which the ring's rank-dependent block order would not give: each rank attends them over
+            # its own block only, and every rank merges the gathered partials in rank order. They are few, so the
+            # gathered partials (B, H, n_rep, hd + 1) per rank are small.
+            q_rep = q[:, :, n_sh:]
+            out, lse = partial_attention(q_rep, k_sh, v_sh, m_sh)
+            hd = out.shape[-1]
+            partials = all_gather(torch.cat([out, lse], dim=-1), group)  # R x (B, H, n_rep, hd + 1)
+            out, lse = partials[0][..., :hd], partials[0][..., hd:]
+            for partial in partials[1:]:
+                out, lse = merge(out, lse, partial[..., :hd], partial[..., hd:])
+            if k_rep is not None:
+                out, lse = merge(out, lse, *partial_attention(q_rep, k_rep, v_rep, m_rep))
+            outputs.append(out)
+        return torch.cat(outputs, dim=2)
 
     @staticmethod
     def _reassemble(out_sh: torch.Tensor, out_rep: torch.Tensor, segments) -> torch.Tensor:
