@@ -380,6 +380,16 @@ def checkpoint_problem(checkpoint: Path, *, lora: bool, ema: bool) -> str | None
     return None
 
 
+def _params_without_saved_state(state: dict, folder: Path) -> list[str]:
+    """The parameter names in an optimizer state_dict's `state` of which the checkpoint's optimizer folder holds
+    nothing (torch.distributed.checkpoint flattens `{"optimizer": {"state": {name: {...}}}}` to dotted keys)."""
+    from torch.distributed.checkpoint import FileSystemReader
+
+    saved = FileSystemReader(str(folder)).read_metadata().state_dict_metadata
+    return [name for name, values in state.items()
+            if not any(f"optimizer.state.{name}.{key}" in saved for key in values)]
+
+
 def _check_covers(module: nn.Module, state: dict, what: str) -> None:
     wanted = {clean_name(n) for n, p in module.named_parameters() if p.requires_grad}
     missing = sorted(wanted - set(state))
@@ -417,21 +427,33 @@ def load_checkpoint(checkpoint: Path, *, module: nn.Module, optimizer, ema, conf
         ema.copy_from(module.transformer)
     set_model_state_dict(module, weights("model"), options=options)
 
+    # AdamW keeps no state for a parameter that never had a gradient (an image projector in text-to-video training,
+    # an adapter's untouched layers), and the checkpoint has none for it; loading fills in placeholders (a zero-grad
+    # step) for every parameter. Those are dropped again, so such a parameter's first update is AdamW's first
+    # step, as in the run that wrote the checkpoint.
     if state["format"] >= 2:
         import torch.distributed.checkpoint as dcp
 
         # The target's own (sharded) layout; torch.distributed.checkpoint reads the overlapping pieces of whatever
         # shards the writing ranks saved.
         target = {"optimizer": get_optimizer_state_dict(module, optimizer)}
+        stateless = _params_without_saved_state(target["optimizer"]["state"], checkpoint / OPTIMIZER_DIR)
+        for name in stateless:
+            del target["optimizer"]["state"][name]
         with _quiet_single_process():
             dcp.load(target, checkpoint_id=str(checkpoint / OPTIMIZER_DIR), no_dist=not distributed)
-        set_optimizer_state_dict(module, optimizer, target["optimizer"])
+        set_optimizer_state_dict(module, optimizer, target["optimizer"], options=StateDictOptions(strict=False))
     else:
-        optim = {}
+        optim, stateless = {}, []
         if rank == 0 or not distributed:
             optim = torch.load(checkpoint / LEGACY_OPTIMIZER_NAME, map_location="cpu", weights_only=True)
+            stateless = [n for g in optim["param_groups"] for n in g["params"] if n not in optim["state"]]
+        stateless = broadcast_from_main(stateless)
         set_optimizer_state_dict(module, optimizer, optim, options=StateDictOptions(
-            full_state_dict=True, broadcast_from_rank0=distributed))
+            full_state_dict=True, broadcast_from_rank0=distributed, strict=False))
+    params = {clean_name(n): p for n, p in module.named_parameters()}
+    for name in stateless:
+        optimizer.state.pop(params[name], None)
 
     own = checkpoint / "rng" / f"rank-{rank:05d}.pt" if state["format"] >= 2 else checkpoint / f"rank-{rank:05d}.pt"
     if state["world_size"] == world and own.is_file():
