@@ -32,8 +32,8 @@ from typing import Callable, Iterator
 from .errors import MotifVideoError
 
 __all__ = ["atomic_file", "atomic_dir", "atomic_write_bytes", "atomic_write_text", "temp_name", "file_mode",
-           "dir_mode", "check_writable_dir", "remove_stale_temps", "Terminated", "terminate_as_interrupt",
-           "write_error"]
+           "dir_mode", "fsync_dir", "fsync_tree", "check_writable_dir", "remove_stale_temps", "Terminated",
+           "terminate_as_interrupt", "write_error"]
 
 _TEMP = re.compile(r"^\.(?P<name>.+)\.(?P<pid>\d+)\.[0-9a-f]{8}\.(partial|old)$")
 _umask_lock = threading.Lock()
@@ -152,18 +152,19 @@ def _fsync_path(path: Path) -> None:
         os.close(fd)
 
 
-def _fsync_dir(folder: Path) -> None:
+def fsync_dir(folder: Path) -> None:
     # Makes the rename itself durable; some filesystems refuse fsync on a folder, which costs only durability.
     with contextlib.suppress(OSError):
         _fsync_path(folder)
 
 
-def _fsync_tree(root: Path) -> None:
+def fsync_tree(root: Path) -> None:
+    """Every file below `root` and every folder (so renames into them) flushed to disk."""
     for folder, _, names in os.walk(root):
         for name in names:
             if not os.path.islink(Path(folder) / name):  # a link's target is not ours (and may not exist)
                 _fsync_path(Path(folder) / name)
-        _fsync_dir(Path(folder))
+        fsync_dir(Path(folder))
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -208,7 +209,7 @@ def _staged(path: Path, create: Callable[[Path], None], publish: Callable[[Path]
     except BaseException:
         _remove(tmp)
         raise
-    _fsync_dir(path.parent)
+    fsync_dir(path.parent)
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
@@ -306,7 +307,7 @@ def atomic_dir(path: str | os.PathLike, *,
         _chmod_tree(tmp)
         if carry is not None and path.is_dir():
             _copy_entries(path, tmp, carry)
-        _fsync_tree(tmp)
+        fsync_tree(tmp)
         _swap_in(tmp, path)
 
     return _staged(path, create, publish)

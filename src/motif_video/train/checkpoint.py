@@ -47,6 +47,7 @@ from safetensors.torch import load_file, save_file
 
 from ..convert.checkpoint import read_state_dict, save_state_dict_folder
 from ..errors import CheckpointError
+from ..files import fsync_dir, fsync_tree
 from .config import TrainConfig
 from .parallel import clean_name, is_distributed
 
@@ -161,22 +162,6 @@ def set_rng_state(state: dict) -> None:
 
 
 # -- saving --------------------------------------------------------------------------------------------------------
-def _fsync_tree(folder: Path) -> None:
-    for dirpath, _, filenames in os.walk(folder):
-        for name in filenames:
-            with open(os.path.join(dirpath, name), "rb") as f:
-                os.fsync(f.fileno())
-        _fsync_dir(Path(dirpath))
-
-
-def _fsync_dir(folder: Path) -> None:
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _split(state: dict, prefix: str) -> dict:
     return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
 
@@ -233,12 +218,12 @@ def save_checkpoint(root: str | Path, step: int, *, module: nn.Module, optimizer
                  "health": health or {"healthy": True}}
         (tmp / STATE_NAME).write_text(json.dumps(state, indent=1) + "\n")
         config.dump(tmp / "config.yaml")
-        _fsync_tree(tmp)
+        fsync_tree(tmp)
         if final.exists():  # the same step saved twice (periodic + final): keep the first
             shutil.rmtree(tmp)
         else:
             os.rename(tmp, final)
-            _fsync_dir(root)
+            fsync_dir(root)
         prune(root, keep_last)
     barrier()
     return final
