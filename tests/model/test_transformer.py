@@ -96,6 +96,39 @@ def test_sharded_save_roundtrip(tmp_path):
     MotifVideoTransformer3DModel.from_pretrained(tmp_path)
 
 
+def test_saving_over_a_model_keeps_it_whole_until_the_new_one_is_complete(tmp_path):
+    """A save that fails part-way (here safetensors refuses two tensors sharing memory, in the last of several
+    shards) leaves the old model exactly as it was; a complete save replaces its weights and config, drops its old
+    shards and index, and keeps the user's own files."""
+    from motif_video.convert.checkpoint import save_state_dict_folder
+
+    folder = tmp_path / "model"
+    old = randomize_(MotifVideoTransformer.from_preset("motif-video-tiny"), seed=1)
+    old.save_pretrained(folder, max_shard_size=20_000)
+    (folder / "README.md").write_text("notes on this model\n")
+    (folder / "samples").mkdir()
+    (folder / "samples" / "prompt.txt").write_text("a red circle\n")
+    before = {p.relative_to(folder): p.read_bytes() for p in folder.rglob("*") if p.is_file()}
+    assert len([p for p in before if p.suffix == ".safetensors"]) > 2
+
+    new = randomize_(MotifVideoTransformer.from_preset("motif-video-tiny"), seed=2)
+    broken = new.state_dict()
+    broken["alias"] = broken[list(broken)[-1]]
+    with pytest.raises(RuntimeError, match="share memory"):
+        save_state_dict_folder(broken, new.config.to_diffusers_json(), folder, 20_000)
+    assert {p.relative_to(folder): p.read_bytes() for p in folder.rglob("*") if p.is_file()} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]  # no temporary left beside it
+    assert all(torch.equal(v, old.state_dict()[k])
+               for k, v in MotifVideoTransformer.from_pretrained(folder).state_dict().items())
+
+    new.save_pretrained(folder)
+    assert sorted(p.name for p in folder.iterdir()) == ["README.md", "config.json",
+                                                        "diffusion_pytorch_model.safetensors", "samples"]
+    assert (folder / "samples" / "prompt.txt").read_text() == "a red circle\n"
+    assert all(torch.equal(v, new.state_dict()[k])
+               for k, v in MotifVideoTransformer.from_pretrained(folder).state_dict().items())
+
+
 def test_tied_form_shares_parameters_and_equals_diffusers_form():
     cfg = preset("motif-video-tiny", image_embed_dim=None, cross_attention_form="tied")
     tied = randomize_(MotifVideoTransformer(cfg)).eval()

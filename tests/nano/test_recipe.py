@@ -32,3 +32,30 @@ def test_recipe_produces_a_model_folder_that_generates(tmp_path):
     frames = pipe("a red circle moving left", num_inference_steps=2, progress=False)
     assert frames.shape == (1, 17, 64, 64, 3) and np.isfinite(frames).all()
     assert cli_main(["convert", str(model / "transformer"), str(tmp_path / "diffusers"), "--to", "diffusers"]) == 0
+
+
+def test_model_folder_files_are_replaced_not_rewritten_in_place(tmp_path):
+    """Writing the skeleton into a folder that shares its files with another (a `cp -al` copy: hard links) replaces
+    each file with a new one, so the other copy keeps its contents; nothing temporary is left behind."""
+    import os
+
+    from motif_video.model_folder import GenerationDefaults, component_path
+    from motif_video.nano.recipe import write_model_skeleton
+
+    original, copy = tmp_path / "original", tmp_path / "copy"
+    write_model_skeleton(original, {"shift": 2.0, "num_inference_steps": 8})
+    copy.mkdir()
+    for path in sorted(original.rglob("*")):
+        target = copy / path.relative_to(original)
+        target.mkdir(parents=True) if path.is_dir() else os.link(path, target)
+    before = {p.relative_to(original): p.read_bytes() for p in original.rglob("*") if p.is_file()}
+
+    write_model_skeleton(copy, {"shift": 5.0, "num_inference_steps": 3})
+    assert {p.relative_to(original): p.read_bytes() for p in original.rglob("*") if p.is_file()} == before
+    assert GenerationDefaults.from_folder(original).shift == 2.0
+    assert (GenerationDefaults.from_folder(copy).shift, GenerationDefaults.from_folder(copy).num_inference_steps) \
+        == (5.0, 3)
+    assert json.loads((copy / "scheduler" / "scheduler_config.json").read_text())["shift"] == 5.0
+    assert component_path(copy, "text_encoder").is_dir()
+    assert sorted(p.relative_to(copy) for p in copy.rglob("*")) == sorted(p.relative_to(original)
+                                                                          for p in original.rglob("*"))

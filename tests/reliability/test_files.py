@@ -88,6 +88,28 @@ def test_folder_swap_replaces_the_whole_folder(tmp_path):
     assert hidden_entries(tmp_path) == []
 
 
+def test_folder_swap_carries_the_entries_asked_for(tmp_path):
+    """`carry` keeps chosen entries of the replaced folder (files with their modes, folders, links as links); what
+    the block writes wins over a carried entry of the same name."""
+    path = tmp_path / "model"
+    path.mkdir()
+    (path / "weights").write_text("old weights")
+    (path / "config").write_text("old config")
+    (path / "README.md").write_text("mine")
+    os.chmod(path / "README.md", 0o600)
+    (path / "notes").mkdir()
+    (path / "notes" / "a.txt").write_text("a")
+    (path / "elsewhere").symlink_to(tmp_path / "missing")  # dangling: carried as it is, not followed
+    with files.atomic_dir(path, carry=lambda name: name != "weights") as tmp:
+        (tmp / "config").write_text("new config")
+    assert sorted(p.name for p in path.iterdir()) == ["README.md", "config", "elsewhere", "notes"]
+    assert (path / "config").read_text() == "new config" and (path / "README.md").read_text() == "mine"
+    assert stat.S_IMODE((path / "README.md").stat().st_mode) == 0o600
+    assert (path / "notes" / "a.txt").read_text() == "a"
+    assert os.readlink(path / "elsewhere") == str(tmp_path / "missing")
+    assert hidden_entries(tmp_path) == []
+
+
 def test_folder_swap_without_exchange_falls_back_to_two_renames(tmp_path, monkeypatch):
     monkeypatch.setattr(files, "_exchange", lambda a, b: False)
     path = tmp_path / "frames"

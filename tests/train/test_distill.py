@@ -38,7 +38,7 @@ PROMPTS = ["a red circle moving left", "a small blue square", "a large green tri
 
 @pytest.fixture(scope="module")
 def teacher(tmp_path_factory):
-    # No image projection: a T2V run never trains it, and a parameter without optimizer state cannot be resumed.
+    # No image projection: a T2V run never trains it (test_resume.py resumes a run with one).
     folder = save_tiny_pipeline(tmp_path_factory.mktemp("teacher") / "model", shift=3.0, image_embed_dim=None)
     torch.set_num_threads(1)
     return folder, MotifVideoPipeline.from_pretrained(folder, device="cpu")
@@ -267,3 +267,19 @@ def test_the_student_folder_loads_with_the_students_defaults(teacher, tmp_path):
     video = student("a red circle moving left", output_type="latent", generator=torch.Generator().manual_seed(0),
                     progress=False, **SIZE)
     assert video.shape == (1, 16, 2, 4, 4) and torch.isfinite(video).all()
+
+
+def test_a_failed_student_folder_write_leaves_the_previous_one(teacher, tmp_path):
+    """write_student_folder over an existing model folder, with a run that has no checkpoint to export: the error
+    is one line and the previous folder is still there, whole."""
+    from motif_video.errors import CheckpointError
+    from motif_video.nano.distill import write_student_folder
+
+    folder, _ = teacher
+    previous = save_tiny_pipeline(tmp_path / "model", image_embed_dim=None)
+    before = {p.relative_to(previous): p.read_bytes() for p in previous.rglob("*") if p.is_file()}
+    (tmp_path / "run").mkdir()
+    with pytest.raises(CheckpointError, match="no training checkpoint"):
+        write_student_folder(folder, tmp_path / "run", previous)
+    assert {p.relative_to(previous): p.read_bytes() for p in previous.rglob("*") if p.is_file()} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model", "run"]

@@ -173,6 +173,35 @@ def test_checkpoints_of_the_previous_format_resume(tmp_path):
         assert resumed.losses[step] == pytest.approx(full.losses[step], abs=1e-6, rel=0)
 
 
+@pytest.mark.parametrize("checkpoint_format", [2, 1])
+def test_resume_when_some_parameters_never_had_a_gradient(tmp_path, checkpoint_format):
+    """Text-to-video training of a model with an image projector: no batch carries image tokens, so the projector
+    never gets a gradient and AdamW holds no state for it. Resuming restores exactly that: the run continues like the
+    uninterrupted one, and the projector still has no optimizer state afterwards."""
+    from motif_video.train.checkpoint import read_optimizer_state
+
+    cache = make_cache(tmp_path / "cache")
+    sections = dict(model={"preset": "motif-video-tiny"},  # image_embed_dim 24: an image projector
+                    optim={"lr": 1e-3, "steps": 4, "warmup_steps": 1}, checkpointing={"every": 2, "keep_last": 5})
+    full = train(build_config(tmp_path / "full", cache, **sections))
+    saved = read_optimizer_state(full.checkpoint)["state"]
+    assert any(k.startswith("image_embedder.") for k in read_weights(full.checkpoint, "model", lora=False))
+    assert not any(".image_embedder." in k for k in saved) and any(k.startswith("transformer.") for k in saved)
+
+    config = build_config(tmp_path / "cut", cache, **sections)
+    with pytest.raises(Crash):
+        train(config, callbacks=[crash_after(3)])
+    if checkpoint_format == 1:
+        to_format_1(tmp_path / "cut" / "run" / "checkpoints" / "step-00000002", 2)
+    resumed = train(config, resume=True)
+    assert sorted(resumed.losses) == [3, 4]
+    for step in resumed.losses:
+        assert resumed.losses[step] == pytest.approx(full.losses[step], abs=1e-6, rel=0)
+    assert sorted(read_optimizer_state(resumed.checkpoint)["state"]) == sorted(saved)
+    a, b = read_weights(full.checkpoint, "model", lora=False), read_weights(resumed.checkpoint, "model", lora=False)
+    assert all(torch.allclose(a[k], b[k], atol=1e-6, rtol=0) for k in a)
+
+
 def test_the_run_folder_given_is_the_run(tmp_path, capsys):
     """A moved run continues where it now is; the path saved in its config is not recreated."""
     cache = make_cache(tmp_path / "cache")

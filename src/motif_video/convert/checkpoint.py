@@ -15,7 +15,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from ..errors import CheckpointError, ConfigError
-from ..files import atomic_file
+from ..files import atomic_dir
 from ..hub import resolve_model_dir
 from .layouts import detect_layout, to_model_layout
 
@@ -118,35 +118,37 @@ def shard_state_dict(state_dict: dict, max_shard_size: int) -> list[dict]:
 
 
 def save_state_dict_folder(state_dict: dict, config_json: dict, folder: str | Path, max_shard_size: int) -> Path:
-    """Write config + weights; each file goes to a temporary name first and is renamed, so no half file remains."""
+    """Write config + weights as a new folder swapped in complete (`files.atomic_dir`): whatever interrupts the save,
+    `folder` holds either all of the old model or all of the new one. Other files the folder had (a README, a model
+    card) are kept; the old weights, their index and config.json are not."""
     folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
     state_dict = {k: v.detach().contiguous().cpu() for k, v in state_dict.items()}
-    for stale in [*folder.glob("diffusion_pytorch_model*.safetensors"), folder / INDEX_NAME]:
-        stale.unlink(missing_ok=True)
     shards = shard_state_dict(state_dict, max_shard_size)
     names = [WEIGHTS_NAME] if len(shards) == 1 else [
         f"diffusion_pytorch_model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))
     ]
-    for shard, name in zip(shards, names):
-        _atomic_write(folder / name, lambda tmp, shard=shard: save_file(shard, str(tmp), metadata={"format": "pt"}))
-    if len(shards) > 1:
-        index = {
-            "metadata": {"total_size": sum(t.numel() * t.element_size() for t in state_dict.values())},
-            "weight_map": {k: name for shard, name in zip(shards, names) for k in shard},
-        }
-        _atomic_write(folder / INDEX_NAME, lambda tmp: tmp.write_text(json.dumps(index, indent=2)))
-    _atomic_write(folder / "config.json", lambda tmp: tmp.write_text(json.dumps(config_json, indent=2) + "\n"))
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_dir(folder, carry=lambda name: not _is_model_file(name)) as tmp:
+        for shard, name in zip(shards, names):
+            save_file(shard, str(tmp / name), metadata={"format": "pt"})
+        if len(shards) > 1:
+            index = {
+                "metadata": {"total_size": sum(t.numel() * t.element_size() for t in state_dict.values())},
+                "weight_map": {k: name for shard, name in zip(shards, names) for k in shard},
+            }
+            (tmp / INDEX_NAME).write_text(json.dumps(index, indent=2))
+        (tmp / "config.json").write_text(json.dumps(config_json, indent=2) + "\n")
     return folder
+
+
+def _is_model_file(name: str) -> bool:
+    """What a save replaces: the weights in any sharding, their index, the config."""
+    weights = name.startswith("diffusion_pytorch_model") and name.endswith((".safetensors", ".json"))
+    return weights or name == "config.json"
 
 
 def save_transformer_folder(model, folder, max_shard_size: int) -> Path:
     return save_state_dict_folder(model.state_dict(), model.config.to_diffusers_json(), folder, max_shard_size)
-
-
-def _atomic_write(path: Path, write) -> None:
-    with atomic_file(path) as tmp:
-        write(tmp)
 
 
 def load_any_config(config):

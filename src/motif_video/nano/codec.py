@@ -26,6 +26,7 @@ import numpy as np
 import torch
 
 from ..errors import MotifVideoError
+from ..files import atomic_dir
 from ..latents import LATENT_CHANNELS, VAE_SPATIAL, VAE_TEMPORAL
 from .data import BACKGROUND, Attributes, Sample
 
@@ -417,8 +418,9 @@ def train_codec(
     metrics = reconstruction_metrics(vae, held) if held else None
 
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    vae.to(save_dtype).save_pretrained(out, safe_serialization=True)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_dir(out) as tmp:
+        vae.to(save_dtype).save_pretrained(tmp, safe_serialization=True)
     summary = {
         "steps": done, "steps_requested": steps, "batch_size": batch_size, "window": window,
         "image_batch_size": image_batch_size, "lr": lr, "kl_weight": kl_weight, "seed": seed,

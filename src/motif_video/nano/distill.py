@@ -17,7 +17,8 @@ import shutil
 import time
 from pathlib import Path
 
-from .recipe import CONFIG_DIR, _step, evaluate, export_transformer
+from ..files import atomic_write_text
+from .recipe import CONFIG_DIR, _step, evaluate, export_transformer, write_scheduler
 
 PACKAGE_ROOT = Path(__file__).resolve().parents[1]  # .../motif_video
 STUDENT_STEPS = 4
@@ -27,11 +28,11 @@ ENCODER_REFRESH = [0]
 def component_pointer(teacher_dir: Path, part: str) -> dict | None:
     """A source.json pointer for the teacher's `part`: its own pointer, or one into this package when the teacher
     ships inside it; None when the component has to be copied."""
-    from ..model_folder import component_path
+    from ..model_folder import component_path, read_source_pointer
 
-    own = teacher_dir / part / "source.json"
-    if own.is_file():
-        return json.loads(own.read_text())
+    own = read_source_pointer(teacher_dir, part)
+    if own is not None:
+        return own
     source = component_path(teacher_dir, part).resolve()
     if source.is_relative_to(PACKAGE_ROOT):
         return {"package": "motif_video", "path": source.relative_to(PACKAGE_ROOT).as_posix()}
@@ -47,26 +48,26 @@ def student_defaults(teacher_defaults: dict) -> dict:
 
 
 def write_student_folder(teacher_dir: Path, run_dir: Path, model_dir: Path) -> None:
-    """The student's model folder: its transformer, the teacher's other components by pointer (or copy)."""
-    from diffusers import FlowMatchEulerDiscreteScheduler
+    """The student's model folder: its transformer, the teacher's other components by pointer (or copy). Built
+    beside `model_dir` and swapped in complete, so an interrupted write leaves the previous folder whole."""
+    from ..files import atomic_dir
+    from ..model_folder import write_generation_defaults, write_source_pointer
 
-    if model_dir.exists():
-        shutil.rmtree(model_dir)
-    model_dir.mkdir(parents=True)
-    for part in ("vae", "text_encoder", "tokenizer"):
-        pointer = component_pointer(teacher_dir, part)
-        if pointer is None:
-            shutil.copytree(teacher_dir / part, model_dir / part)
-        else:
-            (model_dir / part).mkdir()
-            (model_dir / part / "source.json").write_text(json.dumps(pointer, indent=2) + "\n")
-    shutil.copy(teacher_dir / "model_index.json", model_dir / "model_index.json")
     settings = json.loads((teacher_dir / "motif_video.json").read_text()) \
         if (teacher_dir / "motif_video.json").is_file() else {}
     generation = student_defaults(settings.get("generation", settings))
-    FlowMatchEulerDiscreteScheduler(shift=generation.get("shift", 1.0)).save_pretrained(str(model_dir / "scheduler"))
-    (model_dir / "motif_video.json").write_text(json.dumps({"generation": generation}, indent=2) + "\n")
-    export_transformer(run_dir, model_dir)
+    model_dir.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_dir(model_dir) as tmp:
+        for part in ("vae", "text_encoder", "tokenizer"):
+            pointer = component_pointer(teacher_dir, part)
+            if pointer is None:
+                shutil.copytree(teacher_dir / part, tmp / part)
+            else:
+                write_source_pointer(tmp / part, pointer)
+        shutil.copy(teacher_dir / "model_index.json", tmp / "model_index.json")
+        write_scheduler(tmp, generation)
+        write_generation_defaults(tmp, generation)
+        export_transformer(run_dir, tmp)
 
 
 def run_distill_recipe(out_dir: str | Path, teacher_dir: str | Path, *, prompts: int = 1024, steps: int = 1500,
@@ -113,9 +114,10 @@ def run_distill_recipe(out_dir: str | Path, teacher_dir: str | Path, *, prompts:
     if eval_prompts:
         with _step(seconds, "eval"):
             prompts_file = out_dir / "heldout_prompts.jsonl"
-            prompts_file.write_text("".join(json.dumps(p) + "\n" for p in heldout_prompts(eval_prompts, seed=0)))
+            rows = heldout_prompts(eval_prompts, seed=0)
+            atomic_write_text(prompts_file, "".join(json.dumps(p) + "\n" for p in rows))
             log["eval"] = evaluate(model_dir, prompts_file, out_dir / "eval", eval_prompts, STUDENT_STEPS)
     log["model_bytes"] = sum(p.stat().st_size for p in model_dir.rglob("*") if p.is_file())
-    (out_dir / "nano_distill.json").write_text(json.dumps(log, indent=2, default=str) + "\n")
+    atomic_write_text(out_dir / "nano_distill.json", json.dumps(log, indent=2, default=str) + "\n")
     return log
 

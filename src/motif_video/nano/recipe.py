@@ -24,6 +24,7 @@ from pathlib import Path
 
 import torch
 
+from ..files import atomic_dir, atomic_write_text
 from .plan import NanoPlan
 
 CONFIG_DIR = Path(__file__).resolve().parents[3] / "configs" / "nano"
@@ -49,13 +50,12 @@ def _step(log: dict, name: str):
 
 def write_model_skeleton(model_dir: Path, generation: dict) -> None:
     """Everything of the model folder except the trained transformer and VAE."""
-    from diffusers import FlowMatchEulerDiscreteScheduler
+    from ..model_folder import write_generation_defaults, write_source_pointer
 
     model_dir.mkdir(parents=True, exist_ok=True)
     for part in ("text_encoder", "tokenizer"):
-        (model_dir / part).mkdir(exist_ok=True)
-        (model_dir / part / "source.json").write_text(json.dumps(TEXT_ENCODER_PACKAGE, indent=2) + "\n")
-    FlowMatchEulerDiscreteScheduler(shift=generation.get("shift", 1.0)).save_pretrained(str(model_dir / "scheduler"))
+        write_source_pointer(model_dir / part, TEXT_ENCODER_PACKAGE)
+    write_scheduler(model_dir, generation)
     index = {
         "_class_name": "MotifVideoPipeline",
         "transformer": ["diffusers", "MotifVideoTransformer3DModel"],
@@ -64,8 +64,16 @@ def write_model_skeleton(model_dir: Path, generation: dict) -> None:
         "tokenizer": ["transformers", "AutoTokenizer"],
         "scheduler": ["diffusers", "FlowMatchEulerDiscreteScheduler"],
     }
-    (model_dir / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
-    (model_dir / "motif_video.json").write_text(json.dumps({"generation": generation}, indent=2) + "\n")
+    atomic_write_text(model_dir / "model_index.json", json.dumps(index, indent=2) + "\n")
+    write_generation_defaults(model_dir, generation)
+
+
+def write_scheduler(model_dir: Path, generation: dict) -> None:
+    """The model folder's scheduler/ for its generation defaults' shift."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    with atomic_dir(model_dir / "scheduler") as tmp:
+        FlowMatchEulerDiscreteScheduler(shift=generation.get("shift", 1.0)).save_pretrained(str(tmp))
 
 
 def stage_config(stage: int, out_dir: Path, steps: int, teacher: Path, progress: bool, extra=()):
@@ -121,7 +129,7 @@ def evaluate(model: Path | object, prompts_file: Path, out_dir: Path, limit: int
             write_video(clip, path, fps=pipe.defaults.fps)
             records.append({"path": path.name, "caption": prompt})
     metadata = clips / "metadata.jsonl"
-    metadata.write_text("".join(json.dumps(r) + "\n" for r in records))
+    atomic_write_text(metadata, "".join(json.dumps(r) + "\n" for r in records))
     written = write_report(score(load_items(metadata)), out_dir / "report", f"motif-video eval: {metadata.name}")
     results = json.loads(written["results"].read_text())
     results["generation_seconds"] = round(generating, 2)
@@ -197,8 +205,9 @@ def run_recipe(out_dir: str | Path, plan: NanoPlan | None = None, progress: bool
                       eval_prompts=plan.eval_prompts, overwrite=True)
     with _step(seconds, "codec"):
         if plan.codec_from:
-            shutil.rmtree(model_dir / "vae", ignore_errors=True)
-            shutil.copytree(plan.codec_from, model_dir / "vae")
+            model_dir.mkdir(parents=True, exist_ok=True)
+            with atomic_dir(model_dir / "vae") as tmp:
+                shutil.copytree(plan.codec_from, tmp, dirs_exist_ok=True)
             log["codec"] = {"reused": log["plan"]["codec_from"]}
         else:
             log["codec"] = train_codec(data_dir, model_dir / "vae", steps=plan.codec_steps, seed=plan.seed,
@@ -237,5 +246,5 @@ def run_recipe(out_dir: str | Path, plan: NanoPlan | None = None, progress: bool
             log["eval_i2v"] = evaluate_image_to_video(model_dir, out_dir / "eval-i2v", plan.i2v_eval_clips,
                                                       plan.eval_steps, seed=plan.seed)
     log["model_bytes"] = sum(p.stat().st_size for p in model_dir.rglob("*") if p.is_file())
-    (out_dir / "nano_recipe.json").write_text(json.dumps(log, indent=2, default=str) + "\n")
+    atomic_write_text(out_dir / "nano_recipe.json", json.dumps(log, indent=2, default=str) + "\n")
     return log

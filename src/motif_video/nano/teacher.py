@@ -24,6 +24,7 @@ import torch.nn.functional as F
 
 from ..alignment import IMAGENET_MEAN, IMAGENET_STD
 from ..errors import MotifVideoError
+from ..files import atomic_dir
 from .codec import _Cycler, load_items, lr_factor, split_heldout, to_pixels
 from .data import COLORS, MOTIONS, SHAPES, SIZES
 
@@ -223,8 +224,9 @@ def train_teacher(
 
     accuracy = attribute_accuracy(model, heads, held) if held else None
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    model.eval().save_pretrained(out, safe_serialization=True)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_dir(out) as tmp:
+        model.eval().save_pretrained(tmp, safe_serialization=True)
     return {
         "steps": done, "steps_requested": steps, "batch_size": batch_size, "image_batch_size": image_batch_size,
         "lr": lr, "seed": seed, "pool": pool, "train_seconds": round(train_seconds, 1),

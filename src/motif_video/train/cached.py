@@ -336,14 +336,23 @@ def read_index(folder: Path) -> dict:
 
 
 def _load_index(path: Path) -> dict:
+    return load_index_file(path, FORMAT, VERSION, "cache")
+
+
+def load_index_file(path: Path, fmt: str, version: int, what: str, *, other_format: str | None = None) -> dict:
+    """A folder's index json, of format `fmt` at `version`: a CheckpointError when it is corrupt or of another
+    version; of another format, a ConfigError `other_format` (a hint for a folder given in the wrong place) or a
+    CheckpointError."""
     try:
         index = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"corrupt cache index {path}: {e}") from None
-    if not isinstance(index, dict) or index.get("format") != FORMAT:
-        raise CheckpointError(f"{path} is not a motif-video latent cache index")
-    if index.get("version") != VERSION:
-        raise CheckpointError(f"{path} has cache format version {index.get('version')}; this reader needs {VERSION}")
+        raise CheckpointError(f"corrupt {what} index {path}: {e}") from None
+    if not isinstance(index, dict) or index.get("format") != fmt:
+        if other_format:
+            raise ConfigError(other_format)
+        raise CheckpointError(f"{path} is not a motif-video {what} index")
+    if index.get("version") != version:
+        raise CheckpointError(f"{path} has {what} format version {index.get('version')}; this reader needs {version}")
     return index
 
 
@@ -367,41 +376,30 @@ def same_source(recorded: str | None, wanted: str, by_name: bool = False) -> boo
     return by_name and a.name == b.name
 
 
-class CachedLatentDataset(torch.utils.data.Dataset):
-    """Samples of one or more cache folders; item i -> dict of float32 tensors + caption + bucket."""
+class ShardedSamples(torch.utils.data.Dataset):
+    """The samples that the index.json of one or more folders lists, read from the folders' safetensors shards: the
+    records (optionally of some buckets only), their bucket keys, one open handle per shard in each process, and the
+    fields every kind of sample has. Subclasses read and check each folder's index (`_read_index`) and add their own
+    tensors to an item."""
 
-    def __init__(self, folders: list[str | Path] | str | Path, *, buckets: list[str] | None = None,
-                 text_encoder: str | None = None, teacher: str | None = None):
+    kind = "cache"  # what messages call a folder
+
+    def __init__(self, folders: list[str | Path] | str | Path, buckets: list[str] | None):
         folders = [folders] if isinstance(folders, (str, Path)) else list(folders)
         if not folders:
-            raise ConfigError("no cache folders given")
+            raise ConfigError(f"no {self.kind} folders given")
         self.records: list[tuple[Path, dict]] = []
-        self.text_dim = self.teacher_dim = None
-        self._empty: tuple[Path, str] | None = None
         for folder in map(Path, folders):
-            index = read_index(folder)
-            if text_encoder is not None and not same_source(index.get("text_encoder"), text_encoder):
-                raise ConfigError(f"cache {folder} was written with text encoder {index.get('text_encoder')!r}, "
-                                  f"the config wants {text_encoder!r}")
-            if teacher is not None and not same_source(index.get("teacher"), teacher, by_name=True):
-                raise ConfigError(f"cache {folder} holds teacher features of {index.get('teacher')!r}, the config "
-                                  f"wants {teacher!r} (re-run `motif-video cache` with that teacher)")
-            for name in ("text_dim", "teacher_dim"):
-                mine, theirs = getattr(self, name), index.get(name)
-                if theirs is not None and mine is not None and mine != theirs:
-                    raise ConfigError(f"cache {folder} has {name}={theirs}, other caches have {mine}")
-                setattr(self, name, mine if theirs is None else theirs)
-            if index.get("empty_prompt") and self._empty is None:
-                self._empty = (folder, index["empty_prompt"])
-            for record in index["samples"]:
-                if buckets is None or record["bucket"] in buckets:
-                    self.records.append((folder, record))
-        if teacher is not None and any("teacher_grid" not in r for _, r in self.records):
-            raise ConfigError("alignment is on but some cached samples have no teacher features")
+            index = self._read_index(folder)
+            self.records += [(folder, r) for r in index["samples"] if buckets is None or r["bucket"] in buckets]
         if not self.records:
-            raise ConfigError(f"no cached samples in {', '.join(map(str, folders))}"
+            raise ConfigError(f"no samples in {self.kind} {', '.join(map(str, folders))}"
                               + (f" for buckets {buckets}" if buckets else ""))
         self._handles: dict[Path, object] = {}
+
+    def _read_index(self, folder: Path) -> dict:
+        """`folder`'s index, checked against the folders read before it."""
+        raise NotImplementedError
 
     def __len__(self) -> int:
         return len(self.records)
@@ -410,35 +408,65 @@ class CachedLatentDataset(torch.utils.data.Dataset):
     def bucket_keys(self) -> list[str]:
         return [r["bucket"] for _, r in self.records]
 
+    def __getstate__(self):  # DataLoader workers reopen their own file handles
+        return {**self.__dict__, "_handles": {}}
 
     def _open(self, path: Path):
         handle = self._handles.get(path)
         if handle is None:
             if not path.is_file():
-                raise CheckpointError(f"missing cache shard {path} (named in its index.json)")
+                raise CheckpointError(f"missing {self.kind} shard {path} (named in its index.json)")
             try:
                 handle = self._handles[path] = safe_open(str(path), framework="pt")
             except (SafetensorError, OSError) as e:
-                raise CheckpointError(f"corrupt cache shard {path}: {str(e).splitlines()[0]}") from None
+                raise CheckpointError(f"corrupt {self.kind} shard {path}: {str(e).splitlines()[0]}") from None
         return handle
 
-    def __getstate__(self):  # DataLoader workers reopen their own file handles
-        state = dict(self.__dict__)
-        state["_handles"] = {}
-        return state
-
-    def __getitem__(self, i: int) -> dict:
+    def _sample(self, i: int) -> tuple[dict, object, dict]:
+        """Sample i's record, its open shard, and the item's shared fields (text states, mask, caption, bucket)."""
         folder, record = self.records[i]
         shard = self._open(folder / record["shard"])
         key = record["key"]
-        item = {
-            "latents": shard.get_tensor(f"{key}.latents").float(),
-            "text": shard.get_tensor(f"{key}.text").float(),
-            "text_mask": shard.get_tensor(f"{key}.text_mask").bool(),
-            "caption": record["caption"],
-            "bucket": record["bucket"],
-            "index": i,
-        }
+        item = {"text": shard.get_tensor(f"{key}.text").float(),
+                "text_mask": shard.get_tensor(f"{key}.text_mask").bool(),
+                "caption": record["caption"], "bucket": record["bucket"], "index": i}
+        return record, shard, item
+
+
+class CachedLatentDataset(ShardedSamples):
+    """Samples of one or more cache folders; item i -> dict of float32 tensors + caption + bucket."""
+
+    def __init__(self, folders: list[str | Path] | str | Path, *, buckets: list[str] | None = None,
+                 text_encoder: str | None = None, teacher: str | None = None):
+        self.text_encoder, self.teacher = text_encoder, teacher
+        self.text_dim = self.teacher_dim = None
+        self._empty: tuple[Path, str] | None = None
+        super().__init__(folders, buckets)
+        if teacher is not None and any("teacher_grid" not in r for _, r in self.records):
+            raise ConfigError("alignment is on but some cached samples have no teacher features")
+
+    def _read_index(self, folder: Path) -> dict:
+        index = read_index(folder)
+        text_encoder, teacher = self.text_encoder, self.teacher
+        if text_encoder is not None and not same_source(index.get("text_encoder"), text_encoder):
+            raise ConfigError(f"cache {folder} was written with text encoder {index.get('text_encoder')!r}, "
+                              f"the config wants {text_encoder!r}")
+        if teacher is not None and not same_source(index.get("teacher"), teacher, by_name=True):
+            raise ConfigError(f"cache {folder} holds teacher features of {index.get('teacher')!r}, the config "
+                              f"wants {teacher!r} (re-run `motif-video cache` with that teacher)")
+        for name in ("text_dim", "teacher_dim"):
+            mine, theirs = getattr(self, name), index.get(name)
+            if theirs is not None and mine is not None and mine != theirs:
+                raise ConfigError(f"cache {folder} has {name}={theirs}, other caches have {mine}")
+            setattr(self, name, mine if theirs is None else theirs)
+        if index.get("empty_prompt") and self._empty is None:
+            self._empty = (folder, index["empty_prompt"])
+        return index
+
+    def __getitem__(self, i: int) -> dict:
+        record, shard, item = self._sample(i)
+        key = record["key"]
+        item["latents"] = shard.get_tensor(f"{key}.latents").float()
         if "teacher_grid" in record:
             item["teacher"] = shard.get_tensor(f"{key}.teacher").float()
             item["teacher_grid"] = tuple(record["teacher_grid"])

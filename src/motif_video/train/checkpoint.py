@@ -47,6 +47,7 @@ from safetensors.torch import load_file, save_file
 
 from ..convert.checkpoint import read_state_dict, save_state_dict_folder
 from ..errors import CheckpointError
+from ..files import fsync_dir, fsync_tree
 from .config import TrainConfig
 from .parallel import clean_name, is_distributed
 
@@ -161,22 +162,6 @@ def set_rng_state(state: dict) -> None:
 
 
 # -- saving --------------------------------------------------------------------------------------------------------
-def _fsync_tree(folder: Path) -> None:
-    for dirpath, _, filenames in os.walk(folder):
-        for name in filenames:
-            with open(os.path.join(dirpath, name), "rb") as f:
-                os.fsync(f.fileno())
-        _fsync_dir(Path(dirpath))
-
-
-def _fsync_dir(folder: Path) -> None:
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _split(state: dict, prefix: str) -> dict:
     return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
 
@@ -233,12 +218,12 @@ def save_checkpoint(root: str | Path, step: int, *, module: nn.Module, optimizer
                  "health": health or {"healthy": True}}
         (tmp / STATE_NAME).write_text(json.dumps(state, indent=1) + "\n")
         config.dump(tmp / "config.yaml")
-        _fsync_tree(tmp)
+        fsync_tree(tmp)
         if final.exists():  # the same step saved twice (periodic + final): keep the first
             shutil.rmtree(tmp)
         else:
             os.rename(tmp, final)
-            _fsync_dir(root)
+            fsync_dir(root)
         prune(root, keep_last)
     barrier()
     return final
@@ -380,6 +365,16 @@ def checkpoint_problem(checkpoint: Path, *, lora: bool, ema: bool) -> str | None
     return None
 
 
+def _params_without_saved_state(state: dict, folder: Path) -> list[str]:
+    """The parameter names in an optimizer state_dict's `state` of which the checkpoint's optimizer folder holds
+    nothing (torch.distributed.checkpoint flattens `{"optimizer": {"state": {name: {...}}}}` to dotted keys)."""
+    from torch.distributed.checkpoint import FileSystemReader
+
+    saved = FileSystemReader(str(folder)).read_metadata().state_dict_metadata
+    return [name for name, values in state.items()
+            if not any(f"optimizer.state.{name}.{key}" in saved for key in values)]
+
+
 def _check_covers(module: nn.Module, state: dict, what: str) -> None:
     wanted = {clean_name(n) for n, p in module.named_parameters() if p.requires_grad}
     missing = sorted(wanted - set(state))
@@ -417,21 +412,33 @@ def load_checkpoint(checkpoint: Path, *, module: nn.Module, optimizer, ema, conf
         ema.copy_from(module.transformer)
     set_model_state_dict(module, weights("model"), options=options)
 
+    # AdamW keeps no state for a parameter that never had a gradient (an image projector in text-to-video training,
+    # an adapter's untouched layers), and the checkpoint has none for it; loading fills in placeholders (a zero-grad
+    # step) for every parameter. Those are dropped again, so such a parameter's first update is AdamW's first
+    # step, as in the run that wrote the checkpoint.
     if state["format"] >= 2:
         import torch.distributed.checkpoint as dcp
 
         # The target's own (sharded) layout; torch.distributed.checkpoint reads the overlapping pieces of whatever
         # shards the writing ranks saved.
         target = {"optimizer": get_optimizer_state_dict(module, optimizer)}
+        stateless = _params_without_saved_state(target["optimizer"]["state"], checkpoint / OPTIMIZER_DIR)
+        for name in stateless:
+            del target["optimizer"]["state"][name]
         with _quiet_single_process():
             dcp.load(target, checkpoint_id=str(checkpoint / OPTIMIZER_DIR), no_dist=not distributed)
-        set_optimizer_state_dict(module, optimizer, target["optimizer"])
+        set_optimizer_state_dict(module, optimizer, target["optimizer"], options=StateDictOptions(strict=False))
     else:
-        optim = {}
+        optim, stateless = {}, []
         if rank == 0 or not distributed:
             optim = torch.load(checkpoint / LEGACY_OPTIMIZER_NAME, map_location="cpu", weights_only=True)
+            stateless = [n for g in optim["param_groups"] for n in g["params"] if n not in optim["state"]]
+        stateless = broadcast_from_main(stateless)
         set_optimizer_state_dict(module, optimizer, optim, options=StateDictOptions(
-            full_state_dict=True, broadcast_from_rank0=distributed))
+            full_state_dict=True, broadcast_from_rank0=distributed, strict=False))
+    params = {clean_name(n): p for n, p in module.named_parameters()}
+    for name in stateless:
+        optimizer.state.pop(params[name], None)
 
     own = checkpoint / "rng" / f"rank-{rank:05d}.pt" if state["format"] >= 2 else checkpoint / f"rank-{rank:05d}.pt"
     if state["world_size"] == world and own.is_file():

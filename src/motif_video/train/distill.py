@@ -35,12 +35,12 @@ from typing import Callable, Iterable
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from ..errors import CheckpointError, ConfigError, MotifVideoError
+from ..errors import ConfigError, MotifVideoError
+from ..files import atomic_write_text
 from ..routing import RouteConfig, TokenRoute, sample_route
-from .cached import collate, default_bucket
+from .cached import ShardedSamples, collate, default_bucket, load_index_file
 from .objective import StepLoss, _generator, sample_seed
 
 FORMAT = "motif-video-teacher-trajectories"
@@ -57,15 +57,6 @@ def student_sigmas(teacher_sigmas: list[float], student_steps: int) -> list[floa
                               "so its schedule lies on the teacher's")
     stride = teacher_steps // student_steps
     return [float(teacher_sigmas[i]) for i in range(0, teacher_steps + 1, stride)]
-
-
-def _write_json_atomic(path: Path, data: dict) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        json.dump(data, f, indent=1)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 class TrajectoryWriter:
@@ -123,7 +114,7 @@ class TrajectoryWriter:
         self._flush()
         if not self.index["samples"]:
             raise ConfigError("no trajectories to write")
-        _write_json_atomic(self.folder / INDEX_NAME, self.index)
+        atomic_write_text(self.folder / INDEX_NAME, json.dumps(self.index, indent=1))
         return self.folder
 
 
@@ -132,78 +123,39 @@ def read_trajectory_index(folder: Path) -> dict:
     if not path.is_file():
         raise ConfigError(f"{folder} is not a trajectory cache: it has no {INDEX_NAME} "
                           "(write one with `motif-video distill-data`)")
-    try:
-        index = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"corrupt trajectory index {path}: {e}") from None
-    if not isinstance(index, dict) or index.get("format") != FORMAT:
-        raise ConfigError(f"{folder} is not a teacher-trajectory cache (objective.kind: distill needs one written "
-                          "by `motif-video distill-data`)")
-    if index.get("version") != VERSION:
-        raise CheckpointError(f"{path} has trajectory format version {index.get('version')}; this reader needs "
-                              f"{VERSION}")
-    return index
+    return load_index_file(path, FORMAT, VERSION, "trajectory", other_format=(
+        f"{folder} is not a teacher-trajectory cache (objective.kind: distill needs one written by "
+        "`motif-video distill-data`)"))
 
 
-class TrajectoryDataset(torch.utils.data.Dataset):
+class TrajectoryDataset(ShardedSamples):
     """Samples of one or more trajectory caches (same sigmas), with the interface of `cached.CachedLatentDataset`:
     item i -> `latents` (the teacher's sample), `trajectory` (K+1, C, T', H', W'), text, mask, caption, bucket."""
 
+    kind = "trajectory cache"
     teacher_dim = None  # no REPA features
 
     def __init__(self, folders: list[str | Path] | str | Path, *, buckets: list[str] | None = None):
-        folders = [folders] if isinstance(folders, (str, Path)) else list(folders)
-        if not folders:
-            raise ConfigError("no trajectory caches given")
-        self.records: list[tuple[Path, dict]] = []
         self.sigmas: list[float] | None = None
         self.text_dim = None
-        for folder in map(Path, folders):
-            index = read_trajectory_index(folder)
-            if self.sigmas is not None and index["sigmas"] != self.sigmas:
-                raise ConfigError(f"trajectory cache {folder} has sigmas {index['sigmas']}, others {self.sigmas}")
-            if self.text_dim is not None and index["text_dim"] != self.text_dim:
-                raise ConfigError(f"trajectory cache {folder} has text_dim={index['text_dim']}, others "
-                                  f"{self.text_dim}")
-            self.sigmas, self.text_dim = index["sigmas"], index["text_dim"]
-            self.records += [(folder, r) for r in index["samples"] if buckets is None or r["bucket"] in buckets]
-        if not self.records:
-            raise ConfigError(f"no trajectories in {', '.join(map(str, folders))}"
-                              + (f" for buckets {buckets}" if buckets else ""))
-        self._handles: dict[Path, object] = {}
+        super().__init__(folders, buckets)
 
-    def __len__(self) -> int:
-        return len(self.records)
-
-    @property
-    def bucket_keys(self) -> list[str]:
-        return [r["bucket"] for _, r in self.records]
+    def _read_index(self, folder: Path) -> dict:
+        index = read_trajectory_index(folder)
+        if self.sigmas is not None and index["sigmas"] != self.sigmas:
+            raise ConfigError(f"trajectory cache {folder} has sigmas {index['sigmas']}, others {self.sigmas}")
+        if self.text_dim is not None and index["text_dim"] != self.text_dim:
+            raise ConfigError(f"trajectory cache {folder} has text_dim={index['text_dim']}, others {self.text_dim}")
+        self.sigmas, self.text_dim = index["sigmas"], index["text_dim"]
+        return index
 
     def empty_prompt(self):
         return None  # the student never sees the empty prompt: guidance is in the targets
 
-    def __getstate__(self):  # DataLoader workers reopen their own file handles
-        return {**self.__dict__, "_handles": {}}
-
-    def _open(self, path: Path):
-        handle = self._handles.get(path)
-        if handle is None:
-            if not path.is_file():
-                raise CheckpointError(f"missing trajectory shard {path} (named in its index.json)")
-            try:
-                handle = self._handles[path] = safe_open(str(path), framework="pt")
-            except (SafetensorError, OSError) as e:
-                raise CheckpointError(f"corrupt trajectory shard {path}: {str(e).splitlines()[0]}") from None
-        return handle
-
     def __getitem__(self, i: int) -> dict:
-        folder, record = self.records[i]
-        shard = self._open(folder / record["shard"])
-        key = record["key"]
-        states = shard.get_tensor(f"{key}.states").float()
-        return {"latents": states[-1], "trajectory": states, "text": shard.get_tensor(f"{key}.text").float(),
-                "text_mask": shard.get_tensor(f"{key}.text_mask").bool(), "caption": record["caption"],
-                "bucket": record["bucket"], "index": i}
+        record, shard, item = self._sample(i)
+        states = shard.get_tensor(f"{record['key']}.states").float()
+        return {**item, "latents": states[-1], "trajectory": states}
 
     @staticmethod
     def collate(items: list[dict]) -> dict:

