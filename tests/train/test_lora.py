@@ -102,3 +102,58 @@ def test_bad_adapters_are_clear(tmp_path):
     (tmp_path / "pytorch_lora_weights.safetensors").write_bytes(b"not safetensors")
     with pytest.raises(CheckpointError, match="corrupt LoRA adapter"):
         read_lora_adapter(tmp_path)
+
+
+def _linear_names(model) -> set[str]:
+    return {name for name, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+
+
+def test_target_presets_select_their_layers(tmp_path):
+    from motif_video.train.config import LoraSection
+    from motif_video.train.lora import add_lora
+
+    def injected(targets):
+        model = add_lora(MotifVideoTransformer.from_preset("motif-video-tiny"), LoraSection(target_modules=targets))
+        return {name.rsplit(".lora_A", 1)[0] for name, _ in model.named_modules() if name.endswith(".lora_A")}
+
+    model = MotifVideoTransformer.from_preset("motif-video-tiny")
+    linear = _linear_names(model)
+    head = {"proj_out", "norm_out.linear"}
+    text = {n for n in linear if n.startswith(("context_embedder.", "image_embedder."))}
+    modulation = {n for n in linear if n.startswith("time_text_embed.") or n.endswith(("norm1.linear",
+                                                                                         "norm1_context.linear",
+                                                                                         ".norm.linear"))}
+    assert injected("all-linear") == linear
+    assert injected("attention+mlp") == linear - head - text - modulation
+    assert injected("attention") == injected(list(LoraSection().target_modules))
+    assert "single_transformer_blocks.0.proj_out" in injected("attention+mlp") and "proj_out" not in injected(
+        "attention+mlp")
+    from motif_video.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="presets"):
+        LoraSection(target_modules="everything").validate("lora")
+
+
+def test_preset_adapter_loads_into_diffusers_and_ours(tmp_path):
+    base = base_folder(tmp_path)
+    cache = make_cache(tmp_path / "cache")
+    config = build_config(tmp_path, cache, model={"pretrained": str(base)},
+                          lora={"rank": RANK, "alpha": ALPHA, "target_modules": "all-linear"},
+                          optim={"lr": 2e-2, "steps": 2}, checkpointing={"every": 2, "keep_last": 1})
+    adapter_dir = train(config).checkpoint / "lora"
+    tensors, header = read_lora_adapter(adapter_dir)
+    assert {k.rsplit(".lora_", 1)[0] for k in tensors} == _linear_names(MotifVideoTransformer.from_pretrained(base))
+    x, t, text, mask = inputs()
+    reference = MotifVideoTransformer3DModel.from_pretrained(base).eval()
+    reference.load_lora_adapter(str(adapter_dir), weight_name="pytorch_lora_weights.safetensors")
+    ours = load_lora_adapter(MotifVideoTransformer.from_pretrained(base), adapter_dir).eval()
+    merged = MotifVideoTransformer.from_pretrained(base).eval()
+    params = dict(merged.named_parameters())
+    with torch.no_grad():
+        for key, a in tensors.items():
+            if ".lora_A." in key:
+                params[key.replace(".lora_A.weight", ".weight")] += (ALPHA / RANK) * tensors[
+                    key.replace(".lora_A.", ".lora_B.")] @ a
+        expected = merged(x, t, text, mask)
+        for got in (reference(x, t, text, mask, return_dict=False)[0], ours(x, t, text, mask)):
+            assert ((got - expected).abs().max() / expected.abs().max()).item() < 1e-5

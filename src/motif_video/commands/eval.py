@@ -22,6 +22,9 @@ def register(subparsers) -> None:
     p.add_argument("--shuffle-prompts", type=int, default=None, metavar="SEED",
                    help="pair each clip with another clip's prompt: the chance-level baseline")
     p.add_argument("--title", default=None, help="report title (default: the source name)")
+    p.add_argument("--color", action="append", default=None, metavar="NAME=R,G,B",
+                   help="teach the evaluator a colour beyond the nano palette (repeatable), e.g. orange=240,140,30: "
+                        "prompts naming it are scored on it, and clips are classified among the palette and it")
     p.add_argument("--image-to-video", action="store_true",
                    help="score clips made from a first image: keeps the image's colour and shape, follows the "
                         "prompt's direction, frame 0 close to the image (each clip's image: <name>.image.png in a "
@@ -43,8 +46,9 @@ def run(args) -> int:
     if out.exists() and not out.is_dir():
         raise MotifVideoError(f"--out {out} is an existing file; give a folder")
     check_writable_dir(next(p for p in (out.absolute(), *out.absolute().parents) if p.exists()), "report")
+    palette = _palette(args.color)
     if args.image_to_video:
-        return _run_image_to_video(args)
+        return _run_image_to_video(args, palette)
     items = load_items(args.source)
     if args.limit is not None:
         if args.limit < 1:
@@ -55,14 +59,22 @@ def run(args) -> int:
     title = args.title or f"motif-video eval: {Path(args.source).name}" + (
         " (shuffled prompts)" if args.shuffle_prompts is not None else "")
     with tqdm(total=len(items), unit="clip", disable=None) as bar:
-        results = evaluate(items, progress=bar.update)
+        results = evaluate(items, progress=bar.update, palette=palette)
     written = write_report(results, args.out, title)
     print(markdown_table(results, title, max_rows=0).rstrip())
     print(f"\nwrote {written['results']}, {written['markdown']} and {len(written['plots'])} plots")
     return 0
 
 
-def _run_image_to_video(args) -> int:
+def _palette(specs):
+    """The nano palette, plus the colours given with --color."""
+    from ..eval.metrics import evaluation_palette
+    from ..nano.data import COLORS, parse_palette
+
+    return evaluation_palette(parse_palette(specs)) if specs else COLORS
+
+
+def _run_image_to_video(args, palette) -> int:
     from pathlib import Path
 
     from tqdm import tqdm
@@ -79,7 +91,7 @@ def _run_image_to_video(args) -> int:
         items = items[: args.limit]
     title = args.title or f"motif-video eval (image-to-video): {Path(args.source).name}"
     with tqdm(total=len(items), unit="clip", disable=None) as bar:
-        results = evaluate_i2v(items, progress=bar.update)
+        results = evaluate_i2v(items, progress=bar.update, palette=palette)
     written = write_i2v_report(results, args.out, title)
     print(markdown_i2v(results, title).rstrip())
     print(f"\nwrote {written['results']} and {written['markdown']}")

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import re
 import time
 from pathlib import Path
 
@@ -26,11 +28,16 @@ def register(subparsers) -> None:
                     "50 steps, APG scale 8, shift 15 for T2V / 8 for I2V).",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    p.add_argument("prompt", help="what the video shows")
+    p.add_argument("prompt", nargs="?", default=None, help="what the video shows (or give --prompts)")
     p.add_argument("-o", "--output", required=True,
                    help="output file: .mp4 (H.264), .gif, or a folder for PNG frames. An existing file is replaced "
                         "once the new one is complete; an existing folder only if it is empty or holds a previous "
-                        "frame output (see --overwrite)")
+                        "frame output (see --overwrite). With --prompts: the folder of the clips")
+    p.add_argument("--prompts", default=None, metavar="FILE",
+                   help="one clip per prompt of FILE (.txt, one per line, or .jsonl with 'prompt' or 'caption'), "
+                        "written to the folder -o as 0000.mp4 with its prompt in 0000.txt (what `motif-video eval` "
+                        "reads); clip i has seed --seed + i, so it equals `generate PROMPT_i --seed SEED+i`")
+    p.add_argument("--batch-size", type=int, default=8, help="with --prompts: clips generated together")
     p.add_argument("--overwrite", action="store_true",
                    help="replace an existing frame folder that holds our video.json even when other files are in it")
     p.add_argument("--model", default=None,
@@ -106,7 +113,11 @@ def run(args) -> int:
     from ..pipeline.video_io import check_output
 
     # Cheap checks first, so bad input fails before any model loads and before minutes of work.
-    check_prompt(args.prompt)
+    batch = _check_batch(args) if args.prompts is not None else None
+    if batch is None:
+        if args.prompt is None:
+            raise MotifVideoError("give a prompt, or --prompts FILE for one clip per line of FILE")
+        check_prompt(args.prompt)
     _check_given_size(args, check_video_size)
     if args.steps is not None or args.guidance_scale is not None or args.shift is not None:
         check_sampling(1 if args.steps is None else args.steps, args.guidance_scale, args.shift)
@@ -114,8 +125,9 @@ def run(args) -> int:
         raise MotifVideoError(f"--fps must be >= 1, got {args.fps}")
     if args.encoder_reuse is not None and args.encoder_reuse < 1:
         raise MotifVideoError(f"--encoder-reuse must be >= 1, got {args.encoder_reuse}")
-    if not 0 <= args.seed < 2**64:
-        raise MotifVideoError(f"--seed must be in [0, 2^64), got {args.seed}")
+    if not 0 <= args.seed <= 2**64 - len(batch or [None]):
+        raise MotifVideoError("--seed must be in [0, 2^64)" + (" less the number of prompts" if batch else "")
+                              + f", got {args.seed}")
     for flag, value, what in (("--image", args.image, "image"), ("--gguf", args.gguf, "GGUF")):
         if value is not None and Path(value).is_dir():
             raise MotifVideoError(f"{flag} {value} is a folder; give the {what} file")
@@ -124,7 +136,8 @@ def run(args) -> int:
     loras = read_lora_specs(args.lora or [])
     cache = parse_cache(args.cache) if args.cache is not None else None
     out = Path(args.output)
-    check_output(args.output, overwrite=args.overwrite)
+    if batch is None:
+        check_output(args.output, overwrite=args.overwrite)
     model = args.model
     if model is None:
         if not (DEFAULT_MODEL_DIR / "model_index.json").is_file():
@@ -165,6 +178,8 @@ def run(args) -> int:
         encoder_reuse=args.encoder_reuse, encoder_refresh=args.encoder_refresh, cache=cache,
         batch_guidance=False if args.sequential_guidance else None, generator=generator, progress=not args.quiet,
     )
+    if batch is not None:
+        return _generate_batch(pipe, batch, out, args, options, started)
     if grid is not None and grid.rank != 0:  # every rank denoises; rank 0 alone decodes and writes
         pipe(output_type="latent", **{**options, "progress": False})
         return 0
@@ -174,6 +189,72 @@ def run(args) -> int:
           f"({facts['seconds']:.1f} s generating)")
     if cache is not None:
         print(f"{cache.skipped} of {cache.computed + cache.skipped} transformer calls skipped by the cache")
+    return 0
+
+
+_BATCH_FILE = re.compile(r"^\d{4,}\.(mp4|txt)$")
+
+
+def _check_batch(args) -> list[str]:
+    """The prompts of --prompts, after the checks that need no model: the options it rules out and the folder."""
+    from ..errors import MotifVideoError
+    from ..eval.prompts import load_prompt_file
+    from ..files import check_writable_dir
+    from ..parallel.launch import launched_world
+
+    if args.prompt is not None:
+        raise MotifVideoError("give either a prompt or --prompts FILE, not both")
+    if args.image is not None:
+        raise MotifVideoError("--image makes one clip from one first frame; it does not combine with --prompts")
+    if launched_world() > 1:
+        raise MotifVideoError("--prompts runs in one process; launch it without torchrun")
+    if args.batch_size < 1:
+        raise MotifVideoError(f"--batch-size must be >= 1, got {args.batch_size}")
+    prompts = [row["prompt"].strip() for row in load_prompt_file(args.prompts)]
+    out = Path(args.output)
+    if out.exists() and not out.is_dir():
+        raise MotifVideoError(f"with --prompts, -o is the folder of the clips; {out} is a file")
+    if out.is_dir():
+        names = [e.name for e in os.scandir(out)]
+        if names and not args.overwrite:
+            raise MotifVideoError(f"{out} is not empty; pass --overwrite to replace the clips of an earlier "
+                                  "--prompts run there, or give a new folder")
+        if any(not _BATCH_FILE.match(n) for n in names):
+            raise MotifVideoError(f"{out} holds files that --prompts did not write; give a new or empty folder")
+    check_writable_dir(next(p for p in (out.absolute(), *out.absolute().parents) if p.exists()), "clips")
+    return prompts
+
+
+def _generate_batch(pipe, prompts: list[str], out: Path, args, options: dict, started: float) -> int:
+    """One clip per prompt, `--batch-size` at a time; clip i draws its noise from seed + i alone."""
+    import numpy as np
+    import torch
+    from tqdm import tqdm
+
+    from ..files import atomic_write_text
+    from ..pipeline.video_io import write_video
+
+    out.mkdir(parents=True, exist_ok=True)
+    for entry in os.scandir(out):  # stale clips of a longer earlier run would otherwise join the evaluation
+        if _BATCH_FILE.match(entry.name):
+            os.unlink(entry.path)
+    digits = max(4, len(str(len(prompts) - 1)))
+    fps = pipe.defaults.fps if args.fps is None else args.fps
+    generating = 0.0
+    with tqdm(total=len(prompts), unit="clip", disable=True if args.quiet else None) as bar:
+        for start in range(0, len(prompts), args.batch_size):
+            chunk = prompts[start:start + args.batch_size]
+            generators = [torch.Generator().manual_seed(args.seed + start + k) for k in range(len(chunk))]
+            began = time.perf_counter()
+            clips = pipe(output_type="np", **{**options, "prompt": chunk, "generator": generators, "progress": False})
+            generating += time.perf_counter() - began
+            for k, (prompt, clip) in enumerate(zip(chunk, clips)):
+                name = f"{start + k:0{digits}d}"
+                write_video((clip * 255).round().astype(np.uint8), out / f"{name}.mp4", fps=fps)
+                atomic_write_text(out / f"{name}.txt", prompt + "\n")
+            bar.update(len(chunk))
+    print(f"wrote {len(prompts)} clips with their prompts to {out} in {time.perf_counter() - started:.1f} s "
+          f"({generating:.1f} s generating)")
     return 0
 
 

@@ -25,6 +25,10 @@ def register(subparsers) -> None:
     p.add_argument("--eval-prompts", type=int, default=210,
                    help="also write heldout_prompts.jsonl with this many held-out-wording prompts (0: none); "
                         "210 covers every colour x shape x motion x size once")
+    p.add_argument("--color", action="append", default=None, metavar="NAME[=R,G,B]",
+                   help="draw only these colours (repeat for several): a palette name (red, green, blue, yellow, "
+                        "cyan, magenta, white) or a new colour with its RGB, e.g. orange=240,140,30. Default: the "
+                        "palette's 7 colours")
     p.add_argument("--overwrite", action="store_true", help="replace a previous nano dataset in OUT_DIR")
     p.set_defaults(func=run)
 
@@ -33,16 +37,17 @@ def run(args) -> int:
     from tqdm import tqdm
 
     from ..errors import MotifVideoError
-    from ..nano.data import write_dataset
+    from ..nano.data import COLORS, parse_palette, write_dataset
 
     if args.eval_prompts < 0:
         raise MotifVideoError(f"--eval-prompts must be >= 0, got {args.eval_prompts}")
+    palette = parse_palette(args.color) if args.color else COLORS
     start = time.perf_counter()
     with tqdm(total=max(args.clips, 0) + max(args.images, 0), unit="sample", disable=None) as bar:
         summary = write_dataset(
             args.out_dir, clips=args.clips, images=args.images, frames=args.frames, size=args.size,
             seed=args.seed, fps=args.fps, eval_prompts=args.eval_prompts, overwrite=args.overwrite,
-            progress=bar.update,
+            progress=bar.update, palette=palette,
         )
     seconds = time.perf_counter() - start
     extra = f", {summary['eval_prompts']} held-out prompts" if summary["eval_prompts"] else ""

@@ -85,6 +85,9 @@ def load_config(folder: Path):
 
 def load_transformer_folder(cls, ref, subfolder=None, *, torch_dtype=None, device="cpu"):
     folder = resolve_model_dir(ref, subfolder)
+    whole_model = not (folder / "config.json").is_file() and (folder / "transformer" / "config.json").is_file()
+    if subfolder is None and whole_model:  # a model folder, or a built-in name such as motif-video-nano
+        folder = folder / "transformer"
     if not (folder / "config.json").is_file():
         raise CheckpointError(f"{folder} is not a transformer folder: it has no config.json")
     config = load_config(folder)

@@ -21,6 +21,7 @@ from typing import Callable
 import numpy as np
 
 from ..errors import MotifVideoError
+from ..nano.data import COLORS, Palette
 from ..pipeline.video_io import read_video
 from ..records import JSONL_SUFFIXES, read_jsonl
 from .metrics import MIN_AREA_PX, measure_clip, score_clip
@@ -79,9 +80,9 @@ def first_frame_change(frame0: np.ndarray, image: np.ndarray) -> float:
     return float(changed.sum()) / area
 
 
-def evaluate_i2v_clip(frames: np.ndarray, image: np.ndarray, prompt: str) -> dict:
-    expected = parse_prompt(prompt)
-    clip, first = measure_clip(frames), measure_clip(image[None])
+def evaluate_i2v_clip(frames: np.ndarray, image: np.ndarray, prompt: str, palette: Palette = COLORS) -> dict:
+    expected = parse_prompt(prompt, palette)
+    clip, first = measure_clip(frames, palette), measure_clip(image[None], palette)
     direction = score_clip(clip, PromptAttributes(motion=expected.motion))["direction_correct"]
     change = first_frame_change(frames[0], image)
     checks = {
@@ -95,12 +96,13 @@ def evaluate_i2v_clip(frames: np.ndarray, image: np.ndarray, prompt: str) -> dic
             "measured": clip.to_dict(), "first_frame_change": round(change, 4), **checks}
 
 
-def evaluate_i2v(items: list[dict], progress: Callable[[int], None] | None = None) -> dict:
+def evaluate_i2v(items: list[dict], progress: Callable[[int], None] | None = None,
+                 palette: Palette = COLORS) -> dict:
     """Per-clip results and their rates; a clip or image that cannot be read fails every check."""
     clips = []
     for item in items:
         try:
-            row = evaluate_i2v_clip(read_video(item["path"]), read_video(item["image"])[0], item["prompt"])
+            row = evaluate_i2v_clip(read_video(item["path"]), read_video(item["image"])[0], item["prompt"], palette)
         except MotifVideoError as e:
             row = {"prompt": item["prompt"], "measured": None, "error": str(e),
                    **{k: False for k in (*CHECKS, "all_correct")}}

@@ -15,7 +15,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 
 from ..errors import MotifVideoError
-from ..nano.data import COLORS
+from ..nano.data import COLORS, Palette
 from .prompts import PromptAttributes
 
 # A clip whose strongest pixel differs from the background by less than this (RGB distance, 0..441) has no object.
@@ -24,8 +24,15 @@ MIN_AREA_PX = 4
 # Displacement over the whole clip below this fraction of the frame side reads as "static". The nano data moves
 # moving objects by at least 0.3 of the side and static ones not at all.
 STATIC_FRACTION = 0.1
-# Colours with HSV saturation below this are "white" (the only achromatic colour in the palette).
+# Colours with HSV saturation below this are achromatic: "white" in the nano palette, which has no other; a grey
+# taught to the evaluator is told from white by brightness.
 WHITE_SATURATION = 0.3
+# A colour taught to the evaluator must be this far from every other of its kind: in hue (degrees) for chromatic
+# colours, in HSV value for achromatic ones. The palette's hue neighbours are 41-79 degrees apart; generated objects
+# scatter a few degrees around their colour, and a boundary (half the gap) closer than 10 degrees would read that
+# scatter as the other colour. White is V = 0.92 and the background 0.09.
+MIN_HUE_GAP_DEGREES = 20.0
+MIN_VALUE_GAP = 0.2
 # Colour difference (RGB distance) beyond a codec-noise allowance at which two views of the object count as
 # different objects. H.264 4:2:0 moves the interior colour of a small object by up to ~10 units between frames;
 # neighbouring palette colours are 120-190 apart.
@@ -164,18 +171,62 @@ def _shift_bilinear(img: np.ndarray, dy: float, dx: float) -> np.ndarray:
 # Classification
 # ----------------------------------------------------------------------------------------------------------------
 
-_CHROMATIC_HUES = {
-    name: colorsys.rgb_to_hsv(*(c / 255.0 for c in rgb))[0] for name, rgb in COLORS.items() if name != "white"
-}
+def _hsv(rgb) -> tuple[float, float, float]:
+    return colorsys.rgb_to_hsv(*(float(c) / 255.0 for c in rgb))
 
 
-def classify_color(rgb) -> str:
-    """Nearest palette colour in HSV: achromatic -> white, otherwise the nearest hue (on the hue circle)."""
-    r, g, b = (float(c) / 255.0 for c in rgb)
-    hue, sat, _ = colorsys.rgb_to_hsv(r, g, b)
+def _hue_distance(a: float, b: float) -> float:
+    """On the hue circle, hues in [0, 1)."""
+    return min(abs(a - b), 1 - abs(a - b))
+
+
+def _is_achromatic(rgb) -> bool:
+    return _hsv(rgb)[1] < WHITE_SATURATION
+
+
+def chromatic_hues(palette: Palette) -> dict[str, float]:
+    return {name: _hsv(rgb)[0] for name, rgb in palette.items() if not _is_achromatic(rgb)}
+
+
+def achromatic_values(palette: Palette) -> dict[str, float]:
+    return {name: _hsv(rgb)[2] for name, rgb in palette.items() if _is_achromatic(rgb)}
+
+
+def evaluation_palette(new_colors: Palette) -> dict[str, tuple[int, int, int]]:
+    """The nano palette plus colours the evaluator is taught (`motif-video eval --color orange=240,140,30`), each
+    checked to stand clear of every other of its kind (in hue, or for a grey in brightness), so the nearest-colour
+    rule can tell them apart."""
+    palette = dict(COLORS)
+    for name, rgb in new_colors.items():
+        if name in COLORS:
+            if tuple(rgb) != COLORS[name]:
+                raise MotifVideoError(f"colour {name!r} is already in the nano palette as {COLORS[name]}")
+            continue
+        hue, _, value = _hsv(rgb)
+        if _is_achromatic(rgb):
+            for other, other_value in achromatic_values(palette).items():
+                if abs(value - other_value) < MIN_VALUE_GAP:
+                    raise MotifVideoError(f"colour {name} {tuple(rgb)} is achromatic and {abs(value - other_value):.2f} "
+                                          f"in brightness (HSV value) from {other}; the evaluator tells such colours "
+                                          f"apart by brightness and needs {MIN_VALUE_GAP}")
+        for other, other_hue in ({} if _is_achromatic(rgb) else chromatic_hues(palette)).items():
+            gap = 360 * _hue_distance(hue, other_hue)
+            if gap < MIN_HUE_GAP_DEGREES:
+                raise MotifVideoError(f"colour {name} {tuple(rgb)} is {gap:.0f} degrees of hue from {other}; the "
+                                      f"evaluator tells colours apart by hue and needs {MIN_HUE_GAP_DEGREES:.0f}")
+        palette[name] = tuple(int(c) for c in rgb)
+    return palette
+
+
+def classify_color(rgb, palette: Palette = COLORS) -> str:
+    """Nearest palette colour in HSV: an achromatic colour -> the achromatic palette colour nearest in brightness
+    (white, in the nano palette), otherwise the nearest hue (on the hue circle)."""
+    hue, sat, value = _hsv(rgb)
     if sat < WHITE_SATURATION:
-        return "white"
-    return min(_CHROMATIC_HUES, key=lambda n: min(abs(hue - _CHROMATIC_HUES[n]), 1 - abs(hue - _CHROMATIC_HUES[n])))
+        values = achromatic_values(palette)
+        return min(values, key=lambda n: abs(value - values[n]))
+    hues = chromatic_hues(palette)
+    return min(hues, key=lambda n: _hue_distance(hue, hues[n]))
 
 
 def shape_features(mask: np.ndarray) -> tuple[float, float, float] | None:
@@ -220,8 +271,8 @@ def _soft_iou(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.minimum(a, b).sum() / union) if union > 0 else 0.0
 
 
-def measure_clip(frames: np.ndarray) -> ClipMeasurement:
-    """Measure a uint8 clip (T, H, W, 3) (a single image is T = 1)."""
+def measure_clip(frames: np.ndarray, palette: Palette = COLORS) -> ClipMeasurement:
+    """Measure a uint8 clip (T, H, W, 3) (a single image is T = 1); the colour is named from `palette`."""
     frames = np.asarray(frames)
     if frames.ndim != 4 or frames.shape[-1] != 3 or frames.shape[0] < 1:
         raise MotifVideoError(f"expected frames shaped (T, H, W, 3), got {frames.shape}")
@@ -260,7 +311,7 @@ def measure_clip(frames: np.ndarray) -> ClipMeasurement:
     frame_rgb = np.stack([np.median(x[i][core[i]], axis=0) if found[i] else np.zeros(3) for i in range(t)])  # (T, 3)
     rgb = x[core & found[:, None, None]].mean(axis=0)
     m.object_rgb = [round(float(v), 2) for v in rgb]
-    m.color = classify_color(rgb)
+    m.color = classify_color(rgb, palette)
 
     # 4. Shape from the median features over frames (robust to a frame where the object is half-formed).
     feats = [f for i in range(t) if found[i] and (f := shape_features(comp[i])) is not None]

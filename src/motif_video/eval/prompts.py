@@ -10,6 +10,7 @@ from __future__ import annotations
 import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Iterable
 
 from ..errors import MotifVideoError
 from ..records import JSONL_SUFFIXES, read_jsonl
@@ -69,8 +70,21 @@ def _find(table: dict[str, str], text: str) -> list[tuple[int, str]]:
     return sorted(hits)
 
 
-def parse_prompt(text: str) -> PromptAttributes:
-    """Expected attributes of a prompt; a field is None when the prompt does not say (or names two values)."""
+def _color_table(new_colors: Iterable[str]) -> dict[str, str]:
+    """The colour lexicon plus new colour names; a new name that is a synonym of an old colour (e.g. pink, otherwise
+    magenta) now means the new colour only."""
+    new = [name for name in dict.fromkeys(new_colors) if name not in _COLOR]
+    if not new:
+        return _COLOR
+    table = {name: "|".join(w for w in pattern.split("|") if w not in new) for name, pattern in _COLOR.items()}
+    table.update({name: re.escape(name) for name in new})
+    return table
+
+
+def parse_prompt(text: str, colors: Iterable[str] = ()) -> PromptAttributes:
+    """Expected attributes of a prompt; a field is None when the prompt does not say (or names two values).
+    `colors`: names of colours beyond the nano palette that the prompt may ask for (e.g. ["orange"])."""
+    color_table = _color_table(colors)
     t = " ".join(re.sub(r"[^a-z' ]+", " ", text.lower().replace("-", " ")).split())
     t = _UPSIDE.sub(" ", t)
 
@@ -87,7 +101,7 @@ def parse_prompt(text: str) -> PromptAttributes:
         motion = "static"
     else:
         motion = None
-    return PromptAttributes(color=single(_COLOR), shape=single(_SHAPE), motion=motion, size=single(_SIZE))
+    return PromptAttributes(color=single(color_table), shape=single(_SHAPE), motion=motion, size=single(_SIZE))
 
 
 def load_prompt_file(path) -> list[dict]:

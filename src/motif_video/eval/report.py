@@ -12,6 +12,7 @@ import numpy as np
 
 from ..errors import MotifVideoError, warn
 from ..files import atomic_write_text
+from ..nano.data import COLORS, Palette
 from ..records import JSONL_SUFFIXES, read_jsonl
 from ..pipeline.video_io import FOLDER_META, MEDIA_EXTENSIONS, read_video
 from .metrics import measure_clip, score_clip
@@ -93,21 +94,22 @@ def shuffle_prompts(items: list[dict], seed: int) -> list[dict]:
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def evaluate_clip(frames: np.ndarray, prompt: str) -> dict:
-    expected = parse_prompt(prompt)
-    m = measure_clip(frames)
+def evaluate_clip(frames: np.ndarray, prompt: str, palette: Palette = COLORS) -> dict:
+    expected = parse_prompt(prompt, palette)
+    m = measure_clip(frames, palette)
     return {"prompt": prompt, "expected": expected.to_dict(), "measured": m.to_dict(), **score_clip(m, expected)}
 
 
-def evaluate(items: list[dict], progress: Callable[[int], None] | None = None) -> dict:
-    """Per-clip results and their aggregate. A clip that cannot be read counts as wrong on every attribute."""
+def evaluate(items: list[dict], progress: Callable[[int], None] | None = None, palette: Palette = COLORS) -> dict:
+    """Per-clip results and their aggregate. A clip that cannot be read counts as wrong on every attribute.
+    `palette`: the colours prompts may ask for and clips are classified into (`metrics.evaluation_palette`)."""
     clips = []
     for item in items:
         try:
             frames = read_video(item["path"])
-            row = evaluate_clip(frames, item["prompt"])
+            row = evaluate_clip(frames, item["prompt"], palette)
         except MotifVideoError as e:
-            expected = parse_prompt(item["prompt"])
+            expected = parse_prompt(item["prompt"], palette)
             named = {"color_correct": expected.color, "shape_correct": expected.shape,
                      "direction_correct": expected.motion}
             row = {"prompt": item["prompt"], "expected": expected.to_dict(), "measured": None, "error": str(e),
@@ -119,7 +121,10 @@ def evaluate(items: list[dict], progress: Callable[[int], None] | None = None) -
         clips.append(row)
         if progress:
             progress(1)
-    return {"summary": aggregate(clips), "clips": clips}
+    results = {"summary": aggregate(clips), "clips": clips}
+    if palette is not COLORS:
+        results["palette"] = {name: list(rgb) for name, rgb in palette.items()}
+    return results
 
 
 def _parser_agrees(expected: dict, truth: dict) -> bool:

@@ -19,6 +19,7 @@ from dataclasses import asdict, dataclass
 from functools import lru_cache
 from itertools import product
 from pathlib import Path
+from typing import Mapping, Sequence
 
 import numpy as np
 
@@ -34,6 +35,9 @@ COLORS: dict[str, tuple[int, int, int]] = {
     "magenta": (210, 50, 200),
     "white": (235, 235, 235),
 }
+# A palette is {colour name: RGB}; COLORS is the nano model's. Datasets of other colours (e.g. to teach a trained
+# model a new one, docs/finetune.md) pass their own.
+Palette = Mapping[str, tuple[int, int, int]]
 SHAPES = ("circle", "square", "triangle")
 MOTIONS = ("left", "right", "up", "down", "static")
 SIZES = ("small", "large")
@@ -52,6 +56,42 @@ COLOR_JITTER = 10  # per-channel, per-clip: colours vary a little but never towa
 _KIND_ID = {"clip": 0, "image": 1, "prompt": 2}
 
 
+_COLOR_NAME = re.compile(r"[a-z]+")
+
+
+def parse_color(spec: str) -> tuple[str, tuple[int, int, int]]:
+    """`NAME=R,G,B` (a new colour, channels 0-255) or a palette name such as `red` -> (name, RGB)."""
+    name, eq, value = str(spec).partition("=")
+    name = name.strip().lower()
+    if not _COLOR_NAME.fullmatch(name):
+        raise MotifVideoError(f"colour {spec!r}: the name must be one lowercase word, as in orange=240,140,30")
+    if not eq:
+        if name not in COLORS:
+            raise MotifVideoError(f"colour {name!r} is not in the nano palette ({', '.join(COLORS)}); give its "
+                                  f"RGB as {name}=R,G,B")
+        return name, COLORS[name]
+    try:
+        rgb = tuple(int(v) for v in value.split(","))
+    except ValueError:
+        rgb = ()
+    if len(rgb) != 3 or not all(0 <= v <= 255 for v in rgb):
+        raise MotifVideoError(f"colour {spec!r}: expected {name}=R,G,B with three integers in 0-255")
+    if name in COLORS and rgb != COLORS[name]:
+        raise MotifVideoError(f"colour {name!r} is already in the nano palette as {COLORS[name]}; pick another name")
+    return name, rgb
+
+
+def parse_palette(specs: Sequence[str]) -> dict[str, tuple[int, int, int]]:
+    """A palette from `parse_color` specs (each name once)."""
+    palette: dict[str, tuple[int, int, int]] = {}
+    for spec in specs:
+        name, rgb = parse_color(spec)
+        if name in palette:
+            raise MotifVideoError(f"colour {name!r} is given twice")
+        palette[name] = rgb
+    return palette
+
+
 @dataclass(frozen=True)
 class Attributes:
     color: str
@@ -60,7 +100,8 @@ class Attributes:
     motion: str | None  # None for images
 
     def __post_init__(self):
-        if self.color not in COLORS or self.shape not in SHAPES or self.size not in SIZES:
+        # the colour is any palette's name (render checks it against the palette it draws with)
+        if not _COLOR_NAME.fullmatch(str(self.color)) or self.shape not in SHAPES or self.size not in SIZES:
             raise MotifVideoError(f"unknown attributes {self}")
         if self.motion is not None and self.motion not in MOTIONS:
             raise MotifVideoError(f"unknown motion {self.motion!r}")
@@ -77,22 +118,23 @@ class Sample:
 
 
 @lru_cache(maxsize=None)
-def clip_combinations() -> tuple[Attributes, ...]:
-    return tuple(Attributes(c, s, z, m) for c, s, m, z in product(COLORS, SHAPES, MOTIONS, SIZES))
+def clip_combinations(colors: tuple[str, ...] = tuple(COLORS)) -> tuple[Attributes, ...]:
+    return tuple(Attributes(c, s, z, m) for c, s, m, z in product(colors, SHAPES, MOTIONS, SIZES))
 
 
 @lru_cache(maxsize=None)
-def image_combinations() -> tuple[Attributes, ...]:
-    return tuple(Attributes(c, s, z, None) for c, s, z in product(COLORS, SHAPES, SIZES))
+def image_combinations(colors: tuple[str, ...] = tuple(COLORS)) -> tuple[Attributes, ...]:
+    return tuple(Attributes(c, s, z, None) for c, s, z in product(colors, SHAPES, SIZES))
 
 
 def _rng(seed: int, kind: str, index: int) -> np.random.Generator:
     return np.random.default_rng(np.random.SeedSequence(seed, spawn_key=(_KIND_ID[kind], index)))
 
 
-def balanced_attributes(kind: str, index: int, seed: int) -> Attributes:
+def balanced_attributes(kind: str, index: int, seed: int, colors: Sequence[str] = tuple(COLORS)) -> Attributes:
     """Attributes of sample `index`: combinations are dealt in shuffled blocks, so any prefix is near balanced."""
-    combos = image_combinations() if kind == "image" else clip_combinations()
+    colors = tuple(colors)
+    combos = image_combinations(colors) if kind == "image" else clip_combinations(colors)
     block, pos = divmod(index, len(combos))
     return combos[_block_order(seed, kind, block, len(combos))[pos]]
 
@@ -123,11 +165,13 @@ def _signed_distance(shape: str, dx: np.ndarray, dy: np.ndarray, h: float) -> np
     return np.maximum(base, np.maximum(left, right))
 
 
-def render(attrs: Attributes, frames: int, size: int, rng: np.random.Generator) -> Sample:
+def render(attrs: Attributes, frames: int, size: int, rng: np.random.Generator, palette: Palette = COLORS) -> Sample:
     """Draw one clip (frames >= 1) of `size` x `size` pixels; returns the sample without a caption."""
+    if attrs.color not in palette:
+        raise MotifVideoError(f"colour {attrs.color!r} is not in the palette ({', '.join(palette)})")
     lo, hi = HALF_EXTENT[attrs.size]
     h = float(rng.uniform(lo, hi)) * size
-    color = np.clip(np.array(COLORS[attrs.color]) + rng.integers(-COLOR_JITTER, COLOR_JITTER + 1, 3), 0, 255)
+    color = np.clip(np.array(palette[attrs.color]) + rng.integers(-COLOR_JITTER, COLOR_JITTER + 1, 3), 0, 255)
     low, high = h + MARGIN_PX, size - h - MARGIN_PX  # allowed range of the centre on each axis
     room = high - low
     motion = attrs.motion if (attrs.motion and frames > 1) else "static"
@@ -266,35 +310,35 @@ def heldout_caption(attrs: Attributes, rng: np.random.Generator) -> str:
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def make_clip(index: int, seed: int, frames: int = 17, size: int = 64) -> Sample:
-    attrs = balanced_attributes("clip", index, seed)
+def make_clip(index: int, seed: int, frames: int = 17, size: int = 64, palette: Palette = COLORS) -> Sample:
+    attrs = balanced_attributes("clip", index, seed, tuple(palette))
     rng = _rng(seed, "clip", index)
-    sample = render(attrs, frames, size, rng)
+    sample = render(attrs, frames, size, rng, palette)
     sample.caption = train_caption(attrs, rng)
     return sample
 
 
-def make_image(index: int, seed: int, size: int = 64) -> Sample:
-    attrs = balanced_attributes("image", index, seed)
+def make_image(index: int, seed: int, size: int = 64, palette: Palette = COLORS) -> Sample:
+    attrs = balanced_attributes("image", index, seed, tuple(palette))
     rng = _rng(seed, "image", index)
-    sample = render(attrs, 1, size, rng)
+    sample = render(attrs, 1, size, rng, palette)
     sample.caption = train_caption(attrs, rng)
     return sample
 
 
-def heldout_prompts(n: int, seed: int = 0) -> list[dict]:
+def heldout_prompts(n: int, seed: int = 0, colors: Sequence[str] = tuple(COLORS)) -> list[dict]:
     """`n` evaluation prompts in the held-out wording with their attributes, balanced over clip combinations."""
     out = []
     for i in range(n):
-        attrs = balanced_attributes("prompt", i, seed)
+        attrs = balanced_attributes("prompt", i, seed, colors)
         out.append({"prompt": heldout_caption(attrs, _rng(seed, "prompt", i)), "attributes": asdict(attrs)})
     return out
 
 
-def train_prompts(n: int, seed: int = 0) -> list[str]:
+def train_prompts(n: int, seed: int = 0, colors: Sequence[str] = tuple(COLORS)) -> list[str]:
     """`n` clip prompts in the training wording, balanced over clip combinations (what a distilled student learns on:
     the teacher's own prompt distribution, never the held-out wording)."""
-    return [train_caption(balanced_attributes("clip", i, seed), _rng(seed, "prompt", i)) for i in range(n)]
+    return [train_caption(balanced_attributes("clip", i, seed, colors), _rng(seed, "prompt", i)) for i in range(n)]
 
 
 def _record(path: str, sample: Sample, fps: float) -> dict:
@@ -345,9 +389,10 @@ def write_dataset(
     eval_prompts: int = 0,
     overwrite: bool = False,
     progress=None,
+    palette: Palette = COLORS,
 ) -> dict:
     """Write `clip_NNNNN.mp4` / `image_NNNNN.png` with same-name `.txt` captions, `metadata.jsonl` (path, caption,
-    attributes) and, if asked, `heldout_prompts.jsonl`. Returns a summary dict."""
+    attributes) and, if asked, `heldout_prompts.jsonl`, drawing the colours of `palette`. Returns a summary dict."""
     from ..pipeline.video_io import write_video
 
     if clips < 0 or images < 0 or clips + images == 0:
@@ -359,6 +404,8 @@ def write_dataset(
                               f"got {size}")
     if not (isinstance(fps, (int, float)) and 0 < fps < float("inf")):
         raise MotifVideoError(f"fps must be a positive number, got {fps}")
+    if not palette:
+        raise MotifVideoError("the palette holds no colours")
     _check_render_memory(frames, size)
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
@@ -373,7 +420,7 @@ def write_dataset(
 
     records = []
     for i in range(clips):
-        sample = make_clip(i, seed, frames, size)
+        sample = make_clip(i, seed, frames, size, palette)
         name = f"clip_{i:05d}"
         write_video(sample.frames, out / f"{name}.mp4", fps=fps)
         atomic_write_text(out / f"{name}.txt", sample.caption + "\n")
@@ -381,7 +428,7 @@ def write_dataset(
         if progress:
             progress(1)
     for i in range(images):
-        sample = make_image(i, seed, size)
+        sample = make_image(i, seed, size, palette)
         name = f"image_{i:05d}"
         write_video(sample.frames, out / f"{name}.png")
         atomic_write_text(out / f"{name}.txt", sample.caption + "\n")
@@ -390,7 +437,8 @@ def write_dataset(
             progress(1)
     atomic_write_text(out / "metadata.jsonl", "".join(json.dumps(r) + "\n" for r in records))
     if eval_prompts:
-        prompts = heldout_prompts(eval_prompts, seed)
+        prompts = heldout_prompts(eval_prompts, seed, tuple(palette))
         atomic_write_text(out / "heldout_prompts.jsonl", "".join(json.dumps(p) + "\n" for p in prompts))
-    return {"out_dir": str(out), "clips": clips, "images": images, "eval_prompts": eval_prompts}
+    return {"out_dir": str(out), "clips": clips, "images": images, "eval_prompts": eval_prompts,
+            "colors": list(palette)}
 

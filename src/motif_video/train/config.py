@@ -285,6 +285,19 @@ class ValidationSection:
 
 # Attention projections, named as in diffusers' MotifVideoTransformer3DModel (so adapters load there too).
 DEFAULT_LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out"]
+# Named target sets for `lora.target_modules`: full-match patterns over module names (a bare `proj_out` would also
+# match every single block's `proj_out`, so the output head is named by its full name).
+_ATTENTION = r".*\.(to_q|to_k|to_v|to_out\.0|add_q_proj|add_k_proj|add_v_proj|to_add_out)"
+_CROSS_ATTENTION = r".*\.cross_attn\.(query_proj|out_proj)"  # the tied form's own layers (K/V are the block's)
+_MLP = r".*\.(ff|ff_context)\.net\.(0\.proj|2)|single_transformer_blocks\.\d+\.(proj_mlp|proj_out)"
+_CONDITION_EMBEDDERS = r"(context_embedder|image_embedder)\.linear_[12]"
+_OUTPUT_HEAD = r"proj_out|norm_out\.linear"
+_MODULATION = r".*\.(norm1|norm1_context|norm)\.linear|time_text_embed\.timestep_embedder\.linear_[12]"
+LORA_TARGET_PRESETS = {
+    "attention": [_ATTENTION],
+    "attention+mlp": [_ATTENTION, _CROSS_ATTENTION, _MLP],
+    "all-linear": [_ATTENTION, _CROSS_ATTENTION, _MLP, _CONDITION_EMBEDDERS, _OUTPUT_HEAD, _MODULATION],
+}
 
 
 @dataclass
@@ -292,15 +305,25 @@ class LoraSection:
     rank: int = 16
     alpha: float = 16.0
     dropout: float = 0.0
-    target_modules: list[str] = field(default_factory=lambda: list(DEFAULT_LORA_TARGETS))
+    # module-name suffixes, or a preset name from LORA_TARGET_PRESETS
+    target_modules: list[str] | str = field(default_factory=lambda: list(DEFAULT_LORA_TARGETS))
 
     def validate(self, key: str) -> None:
         if self.rank < 1 or self.alpha <= 0:
             raise ConfigError(f"{key}: rank must be >= 1 and alpha > 0")
         if not 0.0 <= self.dropout < 1.0:
             raise ConfigError(f"{key}.dropout must be in [0, 1)")
+        if isinstance(self.target_modules, str) and self.target_modules not in LORA_TARGET_PRESETS:
+            raise ConfigError(f"{key}.target_modules={self.target_modules!r}: give a list of module names or one of "
+                              f"the presets {', '.join(LORA_TARGET_PRESETS)}")
         if not self.target_modules:
             raise ConfigError(f"{key}.target_modules must name at least one module")
+
+    def peft_targets(self) -> list[str] | str:
+        """PEFT's `target_modules`: the list of name suffixes as given, or a preset as one full-match regex."""
+        if isinstance(self.target_modules, str):
+            return "(" + "|".join(f"(?:{p})" for p in LORA_TARGET_PRESETS[self.target_modules]) + ")"
+        return list(self.target_modules)
 
 
 TRANSITIONS = ("switch_text_encoder", "insert_shared_cross_attention")

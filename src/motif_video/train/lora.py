@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from pathlib import Path
 
 import torch
@@ -30,7 +31,7 @@ def lora_config(section: LoraSection):
     from peft import LoraConfig
 
     return LoraConfig(r=section.rank, lora_alpha=section.alpha, lora_dropout=section.dropout,
-                      target_modules=list(section.target_modules), init_lora_weights=True)
+                      target_modules=section.peft_targets(), init_lora_weights=True)
 
 
 def add_lora(transformer: nn.Module, section: LoraSection, adapter_name: str = "default") -> nn.Module:
@@ -59,8 +60,12 @@ def save_lora_adapter(folder: str | Path, adapter: dict[str, torch.Tensor], sect
     """Write `pytorch_lora_weights.safetensors` (adapter keys without the `transformer.` prefix given)."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
+    # the modules the adapter holds, as one regex of full names (what the loaders re-inject; a name list would let
+    # `proj_out` match every block's proj_out as well)
+    modules = sorted({k.split(".lora_")[0] for k in adapter})
     config = {"r": section.rank, "lora_alpha": section.alpha, "lora_dropout": section.dropout,
-              "target_modules": sorted(section.target_modules), "use_dora": False, "lora_bias": False}
+              "target_modules": "(" + "|".join(re.escape(m) for m in modules) + ")", "use_dora": False,
+              "lora_bias": False}
     metadata = {"format": "pt",
                 METADATA_KEY: json.dumps({f"{PREFIX}.{k}": v for k, v in config.items()}, sort_keys=True)}
     tensors = {f"{PREFIX}.{k}": v.detach().cpu().contiguous() for k, v in adapter.items()}
