@@ -59,17 +59,17 @@ def default_shape(world: int, heads: int, cfg: bool = False, data: int = 1) -> G
     return GridShape(ulysses, sequence // ulysses, branches, data)
 
 
-MESH_DIMS = ("data", "cfg", "ring", "ulysses")  # slowest to fastest: the rank formula above
+MESH_DIMS = ("data", "cfg", "sequence")  # slowest to fastest; sequence = ring x ulysses
 
 
 class ContextGrid:
     """This process's place in the grid and its process groups (all None in a single process).
 
-    One device mesh over (data, cfg, ring, ulysses) is the source of every group and every coordinate: the
-    Ulysses, ring and cfg groups are its dimensions, the sequence group its flattened (ring, ulysses) dimension, and
-    training shards its weights over a view of the same mesh (`train.parallel.fsdp_mesh`), so the context groups
-    and FSDP's groups cannot disagree about who holds which samples. `heads` None skips the Ulysses-divides-heads
-    check (done again by `apply_context_parallel`)."""
+    One device mesh over (data, cfg, sequence) is the source of every group and every coordinate: the cfg and
+    sequence groups are its dimensions, the ring and Ulysses groups its sequence dimension unflattened into
+    (ring, ulysses), and training shards its weights over its (data, sequence) view (`train.parallel.fsdp_mesh`),
+    so the groups that exchange tokens and the groups that reduce gradients cannot disagree about who holds which
+    samples. `heads` None skips the Ulysses-divides-heads check (`apply_context_parallel` makes it)."""
 
     def __init__(self, shape: GridShape, heads: int | None = None, device_type: str | None = None):
         world = dist.get_world_size() if dist.is_initialized() else 1
@@ -87,15 +87,12 @@ class ContextGrid:
         if device_type is None:
             device_type = "cuda" if dist.get_backend() == dist.Backend.NCCL else "cpu"
         # every rank creates every group, in the same order (new_group is collective over the world)
-        self.mesh = init_device_mesh(device_type, (shape.data, shape.cfg, shape.ring, shape.ulysses),
-                                     mesh_dim_names=MESH_DIMS)
-        sequence = self.mesh["ring", "ulysses"]._flatten("sequence")  # chunk index r * U + u
-        self.ulysses_rank, self.ring_rank, self.cfg_rank, self.data_rank = (
-            self.mesh.get_local_rank(name) for name in ("ulysses", "ring", "cfg", "data"))
-        self.sequence_rank = sequence.get_local_rank()
-        self.ulysses_group, self.ring_group, self.cfg_group = (
-            self.mesh.get_group(name) for name in ("ulysses", "ring", "cfg"))
-        self.sequence_group = sequence.get_group()
+        self.mesh = init_device_mesh(device_type, (shape.data, shape.cfg, shape.sequence), mesh_dim_names=MESH_DIMS)
+        split = self.mesh._unflatten("sequence", (shape.ring, shape.ulysses), ("ring", "ulysses"))  # r * U + u
+        self.data_rank, self.cfg_rank, self.sequence_rank = (self.mesh.get_local_rank(n) for n in MESH_DIMS)
+        self.ring_rank, self.ulysses_rank = (split.get_local_rank(n) for n in ("ring", "ulysses"))
+        self.cfg_group, self.sequence_group = (self.mesh.get_group(n) for n in ("cfg", "sequence"))
+        self.ring_group, self.ulysses_group = (split.get_group(n) for n in ("ring", "ulysses"))
         self.ring_ranks = dist.get_process_group_ranks(self.ring_group)
 
     def __repr__(self) -> str:
