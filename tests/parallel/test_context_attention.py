@@ -1,4 +1,5 @@
-"""Context-parallel forward passes on 4 gloo processes equal one process: Ulysses, ring, both, with padding."""
+"""Context-parallel forward passes on 4 gloo processes equal one process: Ulysses, ring, both, with padding; the
+grid's groups (from its device mesh) follow the documented rank layout and FSDP's mesh spans every process."""
 
 import torch
 
@@ -6,8 +7,8 @@ from motif_video.model.transformer import MotifVideoTransformer
 from motif_video.routing import TokenRoute
 from tests.parallel.helpers import spawn
 
-# (ulysses, ring, data) grids over 4 processes; the data dimension runs the same clip twice
-GRIDS = [(4, 1, 1), (1, 4, 1), (2, 2, 1), (2, 1, 2), (1, 2, 2)]
+# (ulysses, ring, data) grids over 4 processes; the data dimension runs the same clip on each of its groups
+GRIDS = [(4, 1, 1), (1, 4, 1), (2, 2, 1), (2, 1, 2), (1, 2, 2), (1, 1, 4)]
 
 
 def tiny_model(**overrides) -> MotifVideoTransformer:
@@ -41,14 +42,33 @@ def forwards(model):
 
 
 def run_grids(rank, world):
+    import torch.distributed as dist
+
     from motif_video.parallel import ContextGrid, GridShape, apply_context_parallel
+    from motif_video.train.parallel import fsdp_mesh
 
     results = {}
     for u, r, d in GRIDS:
         model = tiny_model()
-        apply_context_parallel(model, ContextGrid(GridShape(ulysses=u, ring=r, data=d), heads=4))
+        grid = ContextGrid(GridShape(ulysses=u, ring=r, data=d), heads=4)
+        apply_context_parallel(model, grid)
         results[(u, r, d)] = forwards(model)
+        results[(u, r, d)]["place"] = (grid.data_rank, grid.ring_rank, grid.ulysses_rank, grid.sequence_rank)
+        results[(u, r, d)]["groups"] = {
+            name: dist.get_process_group_ranks(getattr(grid, f"{name}_group"))
+            for name in ("ulysses", "ring", "sequence")}
+        results[(u, r, d)]["fsdp"] = dist.get_process_group_ranks(fsdp_mesh(grid).get_group())
     return results
+
+
+def expected_place(rank, u, r):
+    """The grid's documented layout: rank = (d * R + r) * U + u, sequence chunk r * U + u."""
+    d, rest = divmod(rank, r * u)
+    ring, uly = divmod(rest, u)
+    groups = {"ulysses": [(d * r + ring) * u + x for x in range(u)],
+              "ring": [(d * r + x) * u + uly for x in range(r)],
+              "sequence": [d * r * u + x for x in range(r * u)]}
+    return (d, ring, uly, ring * u + uly), groups
 
 
 def test_four_processes_equal_one(tmp_path):
@@ -56,6 +76,9 @@ def test_four_processes_equal_one(tmp_path):
     ranks = spawn(run_grids, 4, tmp_path)
     for grid in GRIDS:
         for rank, results in enumerate(ranks):
+            place, groups = expected_place(rank, grid[0], grid[1])
+            assert results[grid]["place"] == place and results[grid]["groups"] == groups, (grid, rank)
+            assert results[grid]["fsdp"] == [0, 1, 2, 3]  # FSDP shards over every process of the grid
             for key in ("plain", "routed", "captured"):
                 got, want = results[grid][key], reference[key]
                 rms = want.pow(2).mean().sqrt()

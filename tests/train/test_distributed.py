@@ -3,11 +3,13 @@
 Launched exactly as a user would: `torchrun --nproc_per_node 2 -m motif_video.cli train CONFIG`.
 """
 
+import contextlib
 import os
 import socket
 import subprocess
 import sys
 
+import psutil
 import pytest
 import torch
 
@@ -23,18 +25,39 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def run(args: list[str], processes: int, cwd) -> subprocess.CompletedProcess:
+def run(args: list[str], processes: int, cwd, timeout: float = 240) -> subprocess.CompletedProcess:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     if processes == 1:
         command = [sys.executable, "-m", "motif_video.cli", "train", *args]
     else:
         command = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={processes}",
                    f"--master_port={free_port()}", "-m", "motif_video.cli", "train", *args]
-    result = subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=240)
+    launcher = subprocess.Popen(command, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        stdout, stderr = launcher.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        kill_job(launcher.pid)
+        launcher.communicate()
+        raise
+    result = subprocess.CompletedProcess(command, launcher.returncode, stdout, stderr)
     if result.returncode != 0 and "SIGSEGV" in result.stderr:
         raise NativeCrash(result.stderr[-3000:])
     assert result.returncode == 0, result.stderr[-3000:]
     return result
+
+
+def job_processes(pid: int) -> list[psutil.Process]:
+    """A torchrun launch's processes: the agent and everything under it (workers, their DataLoader workers)."""
+    agent = psutil.Process(pid)
+    return [agent, *agent.children(recursive=True)]
+
+
+def kill_job(pid: int) -> None:
+    """SIGKILL a torchrun launch's every process. torchrun starts each worker in a session of its own, so killing
+    torchrun (or its process group) alone would leave the workers running."""
+    for process in job_processes(pid):
+        with contextlib.suppress(psutil.NoSuchProcess):
+            process.kill()
 
 
 class NativeCrash(Exception):

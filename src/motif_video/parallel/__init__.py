@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import torch.nn as nn
 
-from ..errors import MotifVideoError
 from ..model.backends import DEFAULT_BACKEND, attention_backends, set_attention_backend
 from ..model.sharding import set_sequence_sharding
 from .attention import ContextParallelAttention
@@ -27,6 +26,7 @@ def apply_context_parallel(model: nn.Module, grid: ContextGrid) -> nn.Module:
     hook and wraps the model's current attention kernel. A no-op for a sequence group of one process."""
     if grid.shape.sequence == 1:
         return model
+    check_grid(grid.shape, grid.shape.size, model.config.num_attention_heads)
     # the kernel the model uses now (the first attention module's: a per-block choice is not kept)
     backends = attention_backends(model)
     inner = backends[0] if backends else DEFAULT_BACKEND
@@ -37,13 +37,5 @@ def apply_context_parallel(model: nn.Module, grid: ContextGrid) -> nn.Module:
     return model
 
 
-def data_parallel_place(sequence: int, rank: int, world: int) -> tuple[int, int]:
-    """(data-parallel rank, data-parallel size) of a process when each sample spans `sequence` processes (the
-    grid's data dimension is the slowest)."""
-    if world % sequence:
-        raise MotifVideoError(f"parallel.ulysses x parallel.ring = {sequence} does not divide the {world} processes")
-    return rank // sequence, world // sequence
-
-
 __all__ = ["ContextGrid", "ContextParallelAttention", "ContextSharding", "GridShape", "apply_context_parallel",
-           "check_grid", "data_parallel_place", "default_shape"]
+           "check_grid", "default_shape"]

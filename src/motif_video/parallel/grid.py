@@ -32,14 +32,14 @@ class GridShape:
         return self.data * self.cfg * self.sequence
 
 
-def check_grid(shape: GridShape, world: int, heads: int) -> None:
-    """One-line errors for a grid that cannot run: every rank raises the same one."""
+def check_grid(shape: GridShape, world: int, heads: int | None) -> None:
+    """One-line errors for a grid that cannot run: every rank raises the same one (heads None: not checked)."""
     for name in ("ulysses", "ring", "cfg", "data"):
         if getattr(shape, name) < 1:
             raise MotifVideoError(f"{name} degree must be at least 1, got {getattr(shape, name)}")
     if shape.cfg not in (1, 2):
         raise MotifVideoError(f"cfg-parallel splits two guidance branches: degree 1 or 2, got {shape.cfg}")
-    if heads % shape.ulysses:
+    if heads is not None and heads % shape.ulysses:
         raise MotifVideoError(f"Ulysses degree {shape.ulysses} must divide the model's {heads} attention heads; "
                               "use a smaller --ulysses and more --ring")
     if shape.size != world:
@@ -59,49 +59,41 @@ def default_shape(world: int, heads: int, cfg: bool = False, data: int = 1) -> G
     return GridShape(ulysses, sequence // ulysses, branches, data)
 
 
-class ContextGrid:
-    """This process's place in the grid and its process groups (None where a dimension has degree 1)."""
+MESH_DIMS = ("data", "cfg", "sequence")  # slowest to fastest; sequence = ring x ulysses
 
-    def __init__(self, shape: GridShape, heads: int):
+
+class ContextGrid:
+    """This process's place in the grid and its process groups (all None in a single process).
+
+    One device mesh over (data, cfg, sequence) is the source of every group and every coordinate: the cfg and
+    sequence groups are its dimensions, the ring and Ulysses groups its sequence dimension unflattened into
+    (ring, ulysses), and training shards its weights over its (data, sequence) view (`train.parallel.fsdp_mesh`),
+    so the groups that exchange tokens and the groups that reduce gradients cannot disagree about who holds which
+    samples. `heads` None skips the Ulysses-divides-heads check (`apply_context_parallel` makes it)."""
+
+    def __init__(self, shape: GridShape, heads: int | None = None, device_type: str | None = None):
         world = dist.get_world_size() if dist.is_initialized() else 1
         check_grid(shape, world, heads)
         self.shape = shape
         self.rank = dist.get_rank() if dist.is_initialized() else 0
-        u, rest = self.rank % shape.ulysses, self.rank // shape.ulysses
-        r, rest = rest % shape.ring, rest // shape.ring
-        c, d = rest % shape.cfg, rest // shape.cfg
-        self.ulysses_rank, self.ring_rank, self.cfg_rank, self.data_rank = u, r, c, d
-        self.sequence_rank = r * shape.ulysses + u
+        self.ulysses_rank = self.ring_rank = self.cfg_rank = self.data_rank = self.sequence_rank = 0
         self.ulysses_group = self.ring_group = self.sequence_group = self.cfg_group = None
         self.ring_ranks: list[int] = []
+        self.mesh = None
         if world == 1:
             return
-        # new_group is collective over the world: every rank creates every group, in the same order
-        U, R, C, D = shape.ulysses, shape.ring, shape.cfg, shape.data
+        from torch.distributed.device_mesh import init_device_mesh
 
-        def rank_of(d, c, r, u):
-            return ((d * C + c) * R + r) * U + u
-
-        for d_ in range(D):
-            for c_ in range(C):
-                for r_ in range(R):
-                    group = dist.new_group([rank_of(d_, c_, r_, x) for x in range(U)])
-                    if (d_, c_, r_) == (d, c, r):
-                        self.ulysses_group = group
-                for u_ in range(U):
-                    ranks = [rank_of(d_, c_, x, u_) for x in range(R)]
-                    group = dist.new_group(ranks)
-                    if (d_, c_, u_) == (d, c, u):
-                        self.ring_group, self.ring_ranks = group, ranks
-                group = dist.new_group([rank_of(d_, c_, r_, u_) for r_ in range(R) for u_ in range(U)])
-                if (d_, c_) == (d, c):
-                    self.sequence_group = group
-        for d_ in range(D):
-            for r_ in range(R):
-                for u_ in range(U):
-                    group = dist.new_group([rank_of(d_, c_, r_, u_) for c_ in range(C)])
-                    if (d_, r_, u_) == (d, r, u):
-                        self.cfg_group = group
+        if device_type is None:
+            device_type = "cuda" if dist.get_backend() == dist.Backend.NCCL else "cpu"
+        # every rank creates every group, in the same order (new_group is collective over the world)
+        self.mesh = init_device_mesh(device_type, (shape.data, shape.cfg, shape.sequence), mesh_dim_names=MESH_DIMS)
+        split = self.mesh._unflatten("sequence", (shape.ring, shape.ulysses), ("ring", "ulysses"))  # r * U + u
+        self.data_rank, self.cfg_rank, self.sequence_rank = (self.mesh.get_local_rank(n) for n in MESH_DIMS)
+        self.ring_rank, self.ulysses_rank = (split.get_local_rank(n) for n in ("ring", "ulysses"))
+        self.cfg_group, self.sequence_group = (self.mesh.get_group(n) for n in ("cfg", "sequence"))
+        self.ring_group, self.ulysses_group = (split.get_group(n) for n in ("ring", "ulysses"))
+        self.ring_ranks = dist.get_process_group_ranks(self.ring_group)
 
     def __repr__(self) -> str:
         s = self.shape

@@ -31,6 +31,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from ..errors import ConfigError, MotifVideoError
+from ..files import atomic_write_text
 from ..model_folder import default_device_dtype
 from .buckets import Bucket, BucketSet
 from .cached import CachedLatentDataset, collate
@@ -39,9 +40,8 @@ from .checkpoint import (broadcast_from_main, checkpoint_health, list_checkpoint
 from .config import TrainConfig
 from .ema import EMA
 from .objective import FlowMatchingObjective, TrainModule
-from ..parallel import ContextGrid, GridShape, apply_context_parallel, data_parallel_place
 from .distill import DistillationObjective, TrajectoryDataset
-from .parallel import full_tensor, parallelize, reshard, sum_across_ranks, weight_norm
+from .parallel import full_tensor, parallelize, reshard, sum_across_ranks, training_grid, weight_norm
 from .stages import build_transformer
 from .steps import make_steps
 
@@ -196,9 +196,10 @@ class Trainer:
         self.device, self.rank, self.world = acc.device, acc.process_index, acc.num_processes
         self.is_main = acc.is_main_process
         # Sequence parallelism (parallel/): each sample's video tokens over ulysses x ring processes, which all see
-        # the same samples; data-parallel rank and size count those groups
-        self.sequence = c.parallel.ulysses * c.parallel.ring
-        self.data_rank, self.data_world = data_parallel_place(self.sequence, self.rank, self.world)
+        # the same samples; data-parallel rank and size count those groups. The grid's mesh also carries FSDP.
+        self.grid = training_grid(c.parallel.ulysses, c.parallel.ring)
+        self.sequence = self.grid.shape.sequence
+        self.data_rank, self.data_world = self.grid.data_rank, self.grid.shape.data
 
         # 0. The run folder: ours alone for this run (rank 0 holds the lock; every rank learns the verdict)
         busy = self.lock.acquire() if self.is_main else None
@@ -240,13 +241,9 @@ class Trainer:
             from ..alignment import RepaAligner
 
             aligner = RepaAligner(transformer.config.hidden_size, self.dataset.teacher_dim, align.projector_dim)
-        if self.sequence > 1:
-            apply_context_parallel(transformer, ContextGrid(GridShape(c.parallel.ulysses, c.parallel.ring,
-                                                                      data=self.data_world),
-                                                            transformer.config.num_attention_heads))
         module = TrainModule(transformer, aligner, align.block if align is not None else None)
         self.module = parallelize(module, transformer, device=self.device, compute_dtype=self.compute_dtype,
-                                  grad_checkpointing=c.grad_checkpointing,
+                                  grad_checkpointing=c.grad_checkpointing, grid=self.grid,
                                   reshard_after_forward=c.parallel.reshard_after_forward,
                                   compile_backend=c.compile_backend if c.compile else None)
         self.ema = EMA(self.module.transformer, c.ema.decay) if c.ema.enabled else None
@@ -294,6 +291,8 @@ class Trainer:
             self.output_dir.mkdir(parents=True, exist_ok=True)
             if self.step == 0:
                 (self.output_dir / "log.jsonl").unlink(missing_ok=True)
+            else:
+                self._trim_log(self.step)
         self.loader = DataLoader(_Tagged(self.dataset), batch_sampler=_MicroBatches(self.steps),
                                  collate_fn=partial(_collate, collate=getattr(self.dataset, "collate", collate)),
                                  num_workers=c.data.num_workers,
@@ -312,6 +311,22 @@ class Trainer:
         for group, lr in zip(self.optimizer.param_groups, lrs):
             group["lr"] = lr
         self.scheduler._last_lr = lrs
+
+    def _trim_log(self, step: int) -> None:
+        """Drop the log lines of steps after `step`, written by a run that stopped after its last checkpoint (and a
+        line cut short by a kill): the resumed run logs those steps again, each then appears once."""
+        path = self.output_dir / "log.jsonl"
+        if not path.is_file():
+            return
+        kept = []
+        for line in path.read_text().splitlines():
+            try:
+                record = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(record, dict) and record.get("step", 0) <= step:
+                kept.append(line)
+        atomic_write_text(path, "".join(f"{line}\n" for line in kept))
 
     def _print(self, message: str) -> None:
         if self.is_main:

@@ -7,12 +7,12 @@
   compile per block kind; FSDP2's hooks stay outside the graphs (dynamo skips them), so the all-gathers and
   reduce-scatters are the same with and without it.
 - FSDP2: `fully_shard` on every block, then on the transformer (embedders, output head), then on the root module
-  (REPA projector). The transformer being a unit of its own lets validation sampling call it directly, through the
-  generation pipeline, and still have its weights gathered. Parameters
-  stay fp32 (the optimizer's master copy); with bf16 compute each block's weights are all-gathered in bf16 and
-  gradients reduce-scattered in fp32 (the paper: bf16 compute, fp32 reductions and optimizer state).
-  Forward inputs are not cast: the timestep (0..1000) and the RoPE tables lose too much in bf16; autocast casts
-  each matmul instead.
+  (REPA projector), over the data x sequence mesh of the run's `ContextGrid` (`fsdp_mesh`). The transformer being a
+  unit of its own lets validation sampling call it directly, through the generation pipeline, and still have its
+  weights gathered. Parameters stay fp32 (the optimizer's master copy); with bf16 compute each block's weights are
+  all-gathered in bf16 and gradients reduce-scattered in fp32 (the paper: bf16 compute, fp32 reductions and
+  optimizer state). Forward inputs are not cast: the timestep (0..1000) and the RoPE tables lose too much in bf16;
+  autocast casts each matmul instead.
 Single process (CPU, or one GPU): nothing is wrapped.
 """
 
@@ -23,6 +23,9 @@ import warnings
 import torch
 import torch.distributed as dist
 import torch.nn as nn
+
+from ..errors import ConfigError
+from ..parallel import ContextGrid, GridShape, apply_context_parallel
 
 WRAPPER_PREFIXES = ("_checkpoint_wrapped_module.", "_fsdp_wrapped_module.", "_orig_mod.")
 
@@ -78,16 +81,39 @@ def apply_activation_checkpointing(transformer: nn.Module) -> None:
         checkpoint(block)
 
 
-def apply_fsdp(module: nn.Module, transformer: nn.Module, device_type: str, compute_dtype: torch.dtype,
+def training_grid(ulysses: int, ring: int) -> ContextGrid:
+    """The process grid of a training run: `ulysses x ring` processes per sample group (they hold the same samples),
+    data-parallel over the groups; every rank raises the same one-line error for a grid that does not fit."""
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    sequence = ulysses * ring
+    if world % sequence:
+        raise ConfigError(f"parallel.ulysses x parallel.ring = {sequence} does not divide the {world} processes")
+    return ContextGrid(GridShape(ulysses=ulysses, ring=ring, data=world // sequence))
+
+
+def fsdp_mesh(grid: ContextGrid):
+    """The 1-D mesh FSDP2 shards over: the grid's (data, sequence) mesh flattened, i.e. every process of a
+    training run (whose cfg dimension is 1).
+
+    Why not HSDP (shard over data, replicate over sequence): the processes of a sequence group hold the same weights
+    and must add up their gradients anyway (each computed the part of its group's gradient that flows through its
+    tokens), so one reduce-scatter over data x sequence gives the same sum as a reduce-scatter over data followed by
+    an all-reduce over sequence, while dividing weight, gradient and AdamW memory by D x S instead of D. With D = 1
+    (one clip over all GPUs, the case context parallelism exists for) HSDP would not shard at all: 32 GB per GPU
+    of fp32 weights, gradients and moments for the 2B model. torchtitan shards over the flattened (dp_shard, cp)
+    dimensions for the same reason. The price is all-gathers that span the sequence group, whose Ulysses part is
+    inside a node."""
+    return grid.mesh["data", "sequence"]._flatten("data_sequence")
+
+
+def apply_fsdp(module: nn.Module, transformer: nn.Module, mesh, compute_dtype: torch.dtype,
                reshard_after_forward: bool = True) -> nn.Module:
-    from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     # Single-stream blocks return two slices of one tensor ([x; context] split), which FSDP2 flags because an
     # in-place op on such a view would skip its backward hook. The model never modifies block outputs in place
     # (and the two-process test compares gradients with a one-process run), so the warning is only noise.
     warnings.filterwarnings("ignore", message=r"FSDP2-wrapped module .* returned a view tensor")
-    mesh = init_device_mesh(device_type, (dist.get_world_size(),))
     mp = None
     if compute_dtype != torch.float32:
         mp = MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=torch.float32, cast_forward_inputs=False)
@@ -115,14 +141,16 @@ def reshard(module: nn.Module) -> None:
 
 
 def parallelize(module: nn.Module, transformer: nn.Module, *, device: torch.device, compute_dtype: torch.dtype,
-                grad_checkpointing: bool, reshard_after_forward: bool = True, compile_backend: str | None = None
-                ) -> nn.Module:
-    """`module` (the TrainModule holding `transformer`) made ready for training on this process's device."""
+                grad_checkpointing: bool, grid: ContextGrid, reshard_after_forward: bool = True,
+                compile_backend: str | None = None) -> nn.Module:
+    """`module` (the TrainModule holding `transformer`) made ready for training on this process's device: its video
+    sequence sharded over `grid`'s sequence groups, its weights over all of `grid`'s processes."""
     module.to(device)
+    apply_context_parallel(transformer, grid)
     if grad_checkpointing:
         apply_activation_checkpointing(transformer)
     if compile_backend is not None:
         apply_compile(transformer, compile_backend)
-    if is_distributed():
-        apply_fsdp(module, transformer, device.type, compute_dtype, reshard_after_forward)
+    if grid.mesh is not None:
+        apply_fsdp(module, transformer, fsdp_mesh(grid), compute_dtype, reshard_after_forward)
     return module
