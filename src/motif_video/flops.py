@@ -250,5 +250,8 @@ class FlopMeter:
         self._active = None
 
     def detach(self) -> None:
+        if self._active is not None:  # a forward that raised never reached the hook that closes its counter
+            self._active[0].close()
+            self._active = None
         for hook in self._hooks:
             hook.remove()

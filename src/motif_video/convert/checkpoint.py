@@ -169,3 +169,60 @@ def load_any_config(config):
 
         return TransformerConfig.from_json_file(transformer_folder(config) / "config.json")
     raise ConfigError("config must be a folder, hub id, preset name, dict or TransformerConfig")
+
+
+def convert_transformer(folder_in: str | Path, folder_out: str | Path, to: str) -> tuple[str, Path, Path, int]:
+    """Write the transformer of `folder_in` (a transformer or model folder) in the `to` layout at `folder_out`
+    (`motif-video convert`); returns (source layout, the folder read, the folder written, tensors written)."""
+    from ..files import atomic_dir
+    from ..model_folder import transformer_folder
+    from .layouts import to_layout
+
+    if not Path(folder_in).exists():
+        raise CheckpointError(f"input not found: {folder_in}")
+    folder = transformer_folder(folder_in)
+    if not (folder / "config.json").is_file():
+        raise CheckpointError(f"{folder_in} is not a transformer folder: it has no config.json")
+    out = output_folder(Path(folder_out))
+    config = load_config(folder)
+    state_dict = read_state_dict(folder)
+    source = detect_layout(state_dict)
+    try:
+        converted = to_layout(state_dict, to)
+    except CheckpointError as e:
+        if to != "diffusers":
+            raise
+        raise CheckpointError(f"{e}; `convert --to original` and `quantize --layout tied` work for it") from None
+    config = config.replace(cross_attention_form="untied" if to == "diffusers" else "tied")
+    # Written beside the destination and swapped in complete: converting in place or onto an existing model never
+    # leaves a folder without weights, whatever interrupts the write.
+    with atomic_dir(out) as tmp:
+        save_state_dict_folder(converted, config.to_diffusers_json(), tmp, max_shard_size=5 * 1024**3)
+    return source, folder, out, len(converted)
+
+
+_WEIGHT_FILES = ("config.json", WEIGHTS_NAME, INDEX_NAME)
+
+
+def output_folder(out: Path) -> Path:
+    """Where the converted transformer goes, refusing anything but a new path, an empty folder or one of ours."""
+    from ..errors import MotifVideoError
+    from ..files import check_writable_dir
+
+    if out.exists() and not out.is_dir():
+        raise MotifVideoError(f"output {out} is an existing file; give a folder")
+    if (out / "model_index.json").is_file() and (out / "transformer").is_dir():
+        out = out / "transformer"  # a whole model folder: its transformer is what changes
+    if out.is_dir():
+        names = [p.name for p in out.iterdir()]
+        ours = all(n in _WEIGHT_FILES or (n.startswith("diffusion_pytorch_model-") and n.endswith(".safetensors"))
+                   for n in names)
+        if names and not (ours and "config.json" in names):
+            raise MotifVideoError(f"output {out} is a folder holding other files than a transformer checkpoint; give "
+                                  "a new or empty folder")
+    try:
+        out.absolute().parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise MotifVideoError(f"cannot create the folder for {out}: {e.strerror or e}") from None
+    check_writable_dir(out.absolute().parent, "converted checkpoint")
+    return out

@@ -105,14 +105,15 @@ def export_transformer(run_dir: Path, model_dir: Path) -> None:
 
 def evaluate(model: Path | object, prompts_file: Path, out_dir: Path, limit: int, steps: int, seed: int = 0,
              batch: int = 8, **generate_kwargs) -> dict:
-    """Generate one clip per held-out prompt with a model folder (or a loaded pipeline) and score it with the
-    analytic evaluator."""
+    """Generate one clip per held-out prompt with a model folder (or a loaded pipeline: anything called like
+    MotifVideoPipeline with its `defaults`, e.g. pipeline.diffusers_reference) and score it with the analytic
+    evaluator."""
     from ..eval.report import evaluate as score, load_items, write_report
     from ..pipeline.pipeline import MotifVideoPipeline
     from ..pipeline.video_io import write_video
 
     rows = [json.loads(line) for line in prompts_file.read_text().splitlines() if line.strip()][:limit]
-    pipe = model if isinstance(model, MotifVideoPipeline) else MotifVideoPipeline.from_pretrained(model, device="cpu")
+    pipe = MotifVideoPipeline.from_pretrained(model, device="cpu") if isinstance(model, (str, Path)) else model
     clips = out_dir / "clips"
     clips.mkdir(parents=True, exist_ok=True)
     records = []
