@@ -1,3 +1,4 @@
+import math
 from collections import deque
 
 import numpy as np
@@ -63,6 +64,27 @@ def test_motion_direction(start, end, want):
     m = measure_clip(_draw("circle", (40, 200, 220), _line(start, end)))
     assert m.motion == want
     assert m.displacement == pytest.approx([end[0] - start[0], end[1] - start[1]], abs=0.3)
+
+
+@pytest.mark.parametrize(
+    "start, end, want, axis",
+    [((18, 46), (44, 20), "up-right", "right"), ((44, 44), (20, 18), "up-left", "up"),
+     ((20, 18), (46, 40), "down-right", "right"), ((44, 20), (18, 44), "down-left", "left"),
+     ((18, 30), (46, 36), "right", "right"), ((30, 46), (34, 18), "up", "up")],
+)
+def test_diagonal_motion_direction(start, end, want, axis):
+    clip = _draw("square", (220, 40, 40), _line(start, end))
+    assert measure_clip(clip, diagonals=True).motion == want
+    assert measure_clip(clip).motion == axis
+
+
+def test_classify_motion_sectors():
+    # Eight 45-degree sectors with diagonals: the boundary lies at 22.5 degrees from each axis.
+    for degrees, want in [(0, "right"), (22, "right"), (23, "down-right"), (67, "down-right"), (68, "down"),
+                          (-45, "up-right"), (135, "down-left"), (-120, "up-left"), (180, "left")]:
+        a = math.radians(degrees)
+        assert classify_motion((20 * math.cos(a), 20 * math.sin(a)), 64, diagonals=True) == want, degrees
+    assert classify_motion((20, 20), 64) == "right" and classify_motion((3, 3), 64, diagonals=True) == "static"
 
 
 def test_classify_motion_threshold():

@@ -7,10 +7,10 @@ from motif_video.eval.prompts import PromptAttributes, load_prompt_file, parse_p
 from motif_video.nano import data
 
 
-def _every_caption(words, templates, static_templates, image_templates):
+def _every_caption(words, templates, static_templates, image_templates, motions=data.MOTIONS):
     """Every template with every attribute combination, cycling through all synonyms of each slot (every word of
     the wording appears in every template), with the attributes each caption must parse to."""
-    for color, shape, motion, size in product(data.COLORS, data.SHAPES, data.MOTIONS, data.SIZES):
+    for color, shape, motion, size in product(data.COLORS, data.SHAPES, motions, data.SIZES):
         slots = [words["shape"][shape], words["size"][size], words["motion"][motion], words["static_adjective"]]
         for tpl in templates + (static_templates if motion == "static" else []):
             for k in range(max(len(w) for w in slots)):
@@ -37,6 +37,40 @@ def test_parses_every_caption_template_and_synonym(wording):
         assert parse_prompt(text) == want, text
         n += 1
     assert n > 1000
+
+
+@pytest.mark.parametrize("wording", ["train", "heldout"])
+def test_parses_every_caption_with_diagonals(wording):
+    # With diagonals known, captions of all nine motions parse, and the old ones exactly as before.
+    if wording == "train":
+        args = (data.TRAIN_WORDS, data.TRAIN_TEMPLATES, data.TRAIN_STATIC_TEMPLATES, data.TRAIN_IMAGE_TEMPLATES)
+    else:
+        args = (data.HELDOUT_WORDS, data.HELDOUT_TEMPLATES, data.HELDOUT_STATIC_TEMPLATES,
+                data.HELDOUT_IMAGE_TEMPLATES)
+    motions = set()
+    for text, want in _every_caption(*args, motions=data.ALL_MOTIONS):
+        assert parse_prompt(text, diagonals=True) == want, text
+        motions.add(want.motion)
+    assert motions >= set(data.DIAGONAL_MOTIONS)
+
+
+@pytest.mark.parametrize(
+    "text, want, base",
+    [
+        ("a red circle moving up and to the right", "up-right", "right"),
+        ("a box heading northeast", "up-right", None),
+        ("a disc going south-west", "down-left", "left"),
+        ("a wedge drifting toward the lower left", "down-left", "left"),
+        ("a dot sliding to the bottom-right corner", "down-right", "right"),
+        ("a ball moving from the bottom left to the top right", "up-right", "right"),
+        ("a cube falling", "down", "down"),
+        ("a square moving from left to right", "right", "right"),
+        ("a static square", "static", "static"),
+    ],
+)
+def test_diagonal_wording(text, want, base):
+    assert parse_prompt(text, diagonals=True).motion == want
+    assert parse_prompt(text).motion == base
 
 
 @pytest.mark.parametrize(

@@ -136,6 +136,41 @@ def test_heldout_wording_is_disjoint_from_training():
         (a.color, a.shape, a.size, a.motion) for a in clip_combinations())
 
 
+@pytest.mark.parametrize("motion", data.DIAGONAL_MOTIONS)
+def test_diagonal_clips(motion):
+    # Diagonal motions (never in the nano training set): equal steps on both axes in the named direction, the same
+    # path length as an axis motion, the object always inside the frame.
+    ux, uy = {"up-left": (-1, -1), "up-right": (1, -1), "down-left": (-1, 1), "down-right": (1, 1)}[motion]
+    for seed in range(4):
+        s = render(Attributes("green", "square", "large", motion), 17, 64, np.random.default_rng(seed))
+        obj = _object_pixels(s.frames)
+        assert not obj[:, 0, :].any() and not obj[:, -1, :].any() and not obj[:, :, 0].any() and not obj[:, :, -1].any()
+        step = np.diff(s.centers, axis=0)  # (T - 1, 2)
+        np.testing.assert_allclose(step[:, 0] * ux, step[:, 1] * uy, atol=1e-9)
+        assert np.all(step[:, 0] * ux > 0)
+        travel = math.hypot(*(s.centers[-1] - s.centers[0]))
+        room = 64 - 2 * s.half_extent - 2 * data.MARGIN_PX
+        assert min(data.TRAVEL[0] * 64, room) - 1e-6 <= travel <= data.TRAVEL[1] * 64 + 1e-6
+    rows = heldout_prompts(8, seed=1, motions=data.DIAGONAL_MOTIONS)
+    assert {r["attributes"]["motion"] for r in rows} <= set(data.DIAGONAL_MOTIONS)
+    assert all(parse_prompt(r["prompt"], diagonals=True).motion == r["attributes"]["motion"] for r in rows)
+
+
+def test_nano_data_diagonal_cli(tmp_path, capsys):
+    out = tmp_path / "diagonal"
+    assert main(["nano-data", str(out), "--clips", "24", "--images", "0", "--frames", "9", "--eval-prompts", "4",
+                 "--motion", "up-right", "--motion", "down-left", "--color", "red"]) == 0
+    rows = [json.loads(line) for line in (out / "metadata.jsonl").read_text().splitlines()]
+    assert {r["attributes"]["motion"] for r in rows} == {"up-right", "down-left"}
+    report = tmp_path / "report"
+    assert main(["eval", str(out / "metadata.jsonl"), "--out", str(report), "--diagonal"]) == 0
+    summary = json.loads((report / "results.json").read_text())["summary"]
+    assert summary["direction_accuracy"] == 1.0 and summary["parser_agreement"] == 1.0
+    capsys.readouterr()
+    assert main(["nano-data", str(tmp_path / "x"), "--clips", "1", "--motion", "sideways"]) == 2
+    assert "unknown motion 'sideways'" in capsys.readouterr().err
+
+
 def test_render_single_frame_is_static():
     s = render(Attributes("blue", "triangle", "large", "right"), 1, 32, np.random.default_rng(0))
     assert s.frames.shape == (1, 32, 32, 3) and _object_pixels(s.frames).any()

@@ -25,6 +25,10 @@ def register(subparsers) -> None:
     p.add_argument("--color", action="append", default=None, metavar="NAME=R,G,B",
                    help="teach the evaluator a colour beyond the nano palette (repeatable), e.g. orange=240,140,30: "
                         "prompts naming it are scored on it, and clips are classified among the palette and it")
+    p.add_argument("--diagonal", action="store_true",
+                   help="teach the evaluator diagonal motion: prompts asking for up-left, up-right, down-left or "
+                        "down-right (e.g. 'up and to the right', 'toward the lower left', 'northeast') are scored on "
+                        "it, and clip motions are classified among eight directions instead of four")
     p.add_argument("--image-to-video", action="store_true",
                    help="score clips made from a first image: keeps the image's colour and shape, follows the "
                         "prompt's direction, frame 0 close to the image (each clip's image: <name>.image.png in a "
@@ -59,7 +63,7 @@ def run(args) -> int:
     title = args.title or f"motif-video eval: {Path(args.source).name}" + (
         " (shuffled prompts)" if args.shuffle_prompts is not None else "")
     with tqdm(total=len(items), unit="clip", disable=None) as bar:
-        results = evaluate(items, progress=bar.update, palette=palette)
+        results = evaluate(items, progress=bar.update, palette=palette, diagonals=args.diagonal)
     written = write_report(results, args.out, title)
     print(markdown_table(results, title, max_rows=0).rstrip())
     print(f"\nwrote {written['results']}, {written['markdown']} and {len(written['plots'])} plots")
@@ -91,7 +95,7 @@ def _run_image_to_video(args, palette) -> int:
         items = items[: args.limit]
     title = args.title or f"motif-video eval (image-to-video): {Path(args.source).name}"
     with tqdm(total=len(items), unit="clip", disable=None) as bar:
-        results = evaluate_i2v(items, progress=bar.update, palette=palette)
+        results = evaluate_i2v(items, progress=bar.update, palette=palette, diagonals=args.diagonal)
     written = write_i2v_report(results, args.out, title)
     print(markdown_i2v(results, title).rstrip())
     print(f"\nwrote {written['results']} and {written['markdown']}")

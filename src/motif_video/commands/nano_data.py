@@ -12,7 +12,8 @@ def register(subparsers) -> None:
         help="generate the procedural shapes dataset for the nano model",
         description="Write clip_NNNNN.mp4 / image_NNNNN.png files, each with a same-name .txt caption, and "
                     "metadata.jsonl (path, caption, ground-truth attributes): one coloured shape on a dark "
-                    "background, moving left/right/up/down or static. The same seed always gives the same files.",
+                    "background, moving left/right/up/down or static (or diagonally, with --motion). The same seed "
+                    "always gives the same files.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     p.add_argument("out_dir", help="output folder (created; must be empty unless --overwrite)")
@@ -29,6 +30,10 @@ def register(subparsers) -> None:
                    help="draw only these colours (repeat for several): a palette name (red, green, blue, yellow, "
                         "cyan, magenta, white) or a new colour with its RGB, e.g. orange=240,140,30. Default: the "
                         "palette's 7 colours")
+    p.add_argument("--motion", action="append", default=None, metavar="NAME",
+                   help="draw only these clip motions (repeat for several): left, right, up, down, static, or the "
+                        "diagonals the nano model never saw in training (up-left, up-right, down-left, down-right). "
+                        "Default: the five nano motions")
     p.add_argument("--overwrite", action="store_true", help="replace a previous nano dataset in OUT_DIR")
     p.set_defaults(func=run)
 
@@ -37,7 +42,7 @@ def run(args) -> int:
     from tqdm import tqdm
 
     from ..errors import MotifVideoError
-    from ..nano.data import COLORS, parse_palette, write_dataset
+    from ..nano.data import COLORS, MOTIONS, parse_palette, write_dataset
 
     if args.eval_prompts < 0:
         raise MotifVideoError(f"--eval-prompts must be >= 0, got {args.eval_prompts}")
@@ -47,7 +52,7 @@ def run(args) -> int:
         summary = write_dataset(
             args.out_dir, clips=args.clips, images=args.images, frames=args.frames, size=args.size,
             seed=args.seed, fps=args.fps, eval_prompts=args.eval_prompts, overwrite=args.overwrite,
-            progress=bar.update, palette=palette,
+            progress=bar.update, palette=palette, motions=args.motion or MOTIONS,
         )
     seconds = time.perf_counter() - start
     extra = f", {summary['eval_prompts']} held-out prompts" if summary["eval_prompts"] else ""

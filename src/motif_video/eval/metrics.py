@@ -15,7 +15,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 
 from ..errors import MotifVideoError
-from ..nano.data import COLORS, Palette
+from ..nano.data import COLORS, DIAGONAL_MOTIONS, MOTION_VECTORS, Palette
 from .prompts import PromptAttributes
 
 # A clip whose strongest pixel differs from the background by less than this (RGB distance, 0..441) has no object.
@@ -252,13 +252,19 @@ def classify_shape(features) -> str:
     )
 
 
-def classify_motion(displacement, side: float) -> str:
+AXIS_MOTIONS = ("left", "right", "up", "down")
+
+
+def classify_motion(displacement, side: float, diagonals: bool = False) -> str:
+    """The direction nearest the displacement's angle (image rows grow downward): among the four axes, or the
+    eight axes and diagonals with `diagonals`; "static" below STATIC_FRACTION of the frame side."""
     dx, dy = displacement
-    if math.hypot(dx, dy) < STATIC_FRACTION * side:
+    norm = math.hypot(dx, dy)
+    if norm < STATIC_FRACTION * side:
         return "static"
-    if abs(dx) >= abs(dy):
-        return "right" if dx > 0 else "left"
-    return "down" if dy > 0 else "up"  # image rows grow downward
+    names = AXIS_MOTIONS + (DIAGONAL_MOTIONS if diagonals else ())
+    # max keeps the first of a tie, so an exact 45 degrees between two axes goes to the horizontal one
+    return max(names, key=lambda n: MOTION_VECTORS[n][0] * dx + MOTION_VECTORS[n][1] * dy)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -271,8 +277,9 @@ def _soft_iou(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.minimum(a, b).sum() / union) if union > 0 else 0.0
 
 
-def measure_clip(frames: np.ndarray, palette: Palette = COLORS) -> ClipMeasurement:
-    """Measure a uint8 clip (T, H, W, 3) (a single image is T = 1); the colour is named from `palette`."""
+def measure_clip(frames: np.ndarray, palette: Palette = COLORS, diagonals: bool = False) -> ClipMeasurement:
+    """Measure a uint8 clip (T, H, W, 3) (a single image is T = 1); the colour is named from `palette`, the motion
+    among the four axis directions, or eight with `diagonals`."""
     frames = np.asarray(frames)
     if frames.ndim != 4 or frames.shape[-1] != 3 or frames.shape[0] < 1:
         raise MotifVideoError(f"expected frames shaped (T, H, W, 3), got {frames.shape}")
@@ -333,7 +340,7 @@ def measure_clip(frames: np.ndarray, palette: Palette = COLORS) -> ClipMeasureme
         vx = np.polyfit(ti, cx[found], 1)[0]
         vy = np.polyfit(ti, cy[found], 1)[0]
         m.displacement = [round(float(vx * (t - 1)), 3), round(float(vy * (t - 1)), 3)]
-        m.motion = classify_motion(m.displacement, min(h, w))
+        m.motion = classify_motion(m.displacement, min(h, w), diagonals)
 
     # 6. Subject consistency, VBench's formula (mean over frames of the similarity to the first frame and to the
     #    previous one) with similarity = centroid-aligned soft-mask IoU x colour similarity; a lost object scores 0.

@@ -20,7 +20,7 @@ from ..records import JSONL_SUFFIXES, read_jsonl
 class PromptAttributes:
     color: str | None = None
     shape: str | None = None
-    motion: str | None = None  # left / right / up / down / static
+    motion: str | None = None  # left / right / up / down / static, or up-left ... down-right with diagonals
     size: str | None = None
 
     def to_dict(self) -> dict:
@@ -54,6 +54,10 @@ _DIRECTION = {
     "down": r"down(?:ward|wards)?|fall\w*|fell|descend\w*|sink\w*|sank|drop\w*|plummet\w*|south(?:ward|wards)?"
             r"|(?:to|toward|towards) the bottom",
 }
+# Words that name a vertical side only beside a horizontal one ("the upper left", "the bottom-right corner") and
+# the compass diagonals: read only when diagonal motion is asked for.
+_DIAGONAL_SIDE = {"up": r"upper|top", "down": r"lower|bottom"}
+_COMPASS = re.compile(r"\b(north|south) ?(east|west)(?:ward|wards|erly)?\b")
 _STATIC = (
     r"static|stationary|motionless|unmoving|immobile|still|frozen|fixed in place|in place|stays? put|staying put"
     r"|not moving|doesn't move|does not move|no motion|holds? its position|holding its position"
@@ -81,9 +85,30 @@ def _color_table(new_colors: Iterable[str]) -> dict[str, str]:
     return table
 
 
-def parse_prompt(text: str, colors: Iterable[str] = ()) -> PromptAttributes:
+def _direction(motion_text: str, diagonals: bool) -> str | None:
+    if diagonals:
+        compass = list(_COMPASS.finditer(motion_text))
+        if compass:
+            vertical, horizontal = compass[-1].groups()
+            return f"{'up' if vertical == 'north' else 'down'}-{'right' if horizontal == 'east' else 'left'}"
+    directions = _find(_DIRECTION, motion_text)
+    if not directions:
+        return None
+    if diagonals:
+        # A vertical and a horizontal direction together ("up and to the right", "toward the top left corner")
+        # name the diagonal between them; the last of each kind counts.
+        vertical = [n for _, n in directions + _find(_DIAGONAL_SIDE, motion_text) if n in ("up", "down")]
+        horizontal = [n for _, n in directions if n in ("left", "right")]
+        if vertical and horizontal:
+            return f"{vertical[-1]}-{horizontal[-1]}"
+    # The last direction named is where the object ends up going.
+    return directions[-1][1]
+
+
+def parse_prompt(text: str, colors: Iterable[str] = (), diagonals: bool = False) -> PromptAttributes:
     """Expected attributes of a prompt; a field is None when the prompt does not say (or names two values).
-    `colors`: names of colours beyond the nano palette that the prompt may ask for (e.g. ["orange"])."""
+    `colors`: names of colours beyond the nano palette that the prompt may ask for (e.g. ["orange"]);
+    `diagonals`: read diagonal directions (up-left, up-right, down-left, down-right) as well as the four axes."""
     color_table = _color_table(colors)
     t = " ".join(re.sub(r"[^a-z' ]+", " ", text.lower().replace("-", " ")).split())
     t = _UPSIDE.sub(" ", t)
@@ -92,15 +117,9 @@ def parse_prompt(text: str, colors: Iterable[str] = ()) -> PromptAttributes:
         names = {name for _, name in _find(table, t)}
         return names.pop() if len(names) == 1 else None
 
-    motion_text = _FROM.sub(" ", t)
-    directions = _find(_DIRECTION, motion_text)
-    if directions:
-        # The last direction named is where the object ends up going.
-        motion = directions[-1][1]
-    elif re.search(rf"\b(?:{_STATIC})\b", t):
+    motion = _direction(_FROM.sub(" ", t), diagonals)
+    if motion is None and re.search(rf"\b(?:{_STATIC})\b", t):
         motion = "static"
-    else:
-        motion = None
     return PromptAttributes(color=single(color_table), shape=single(_SHAPE), motion=motion, size=single(_SIZE))
 
 

@@ -94,22 +94,24 @@ def shuffle_prompts(items: list[dict], seed: int) -> list[dict]:
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def evaluate_clip(frames: np.ndarray, prompt: str, palette: Palette = COLORS) -> dict:
-    expected = parse_prompt(prompt, palette)
-    m = measure_clip(frames, palette)
+def evaluate_clip(frames: np.ndarray, prompt: str, palette: Palette = COLORS, diagonals: bool = False) -> dict:
+    expected = parse_prompt(prompt, palette, diagonals)
+    m = measure_clip(frames, palette, diagonals)
     return {"prompt": prompt, "expected": expected.to_dict(), "measured": m.to_dict(), **score_clip(m, expected)}
 
 
-def evaluate(items: list[dict], progress: Callable[[int], None] | None = None, palette: Palette = COLORS) -> dict:
+def evaluate(items: list[dict], progress: Callable[[int], None] | None = None, palette: Palette = COLORS,
+             diagonals: bool = False) -> dict:
     """Per-clip results and their aggregate. A clip that cannot be read counts as wrong on every attribute.
-    `palette`: the colours prompts may ask for and clips are classified into (`metrics.evaluation_palette`)."""
+    `palette`: the colours prompts may ask for and clips are classified into (`metrics.evaluation_palette`);
+    `diagonals`: prompts may ask for diagonal motion and clips' motions are classified among eight directions."""
     clips = []
     for item in items:
         try:
             frames = read_video(item["path"])
-            row = evaluate_clip(frames, item["prompt"], palette)
+            row = evaluate_clip(frames, item["prompt"], palette, diagonals)
         except MotifVideoError as e:
-            expected = parse_prompt(item["prompt"], palette)
+            expected = parse_prompt(item["prompt"], palette, diagonals)
             named = {"color_correct": expected.color, "shape_correct": expected.shape,
                      "direction_correct": expected.motion}
             row = {"prompt": item["prompt"], "expected": expected.to_dict(), "measured": None, "error": str(e),
@@ -124,6 +126,8 @@ def evaluate(items: list[dict], progress: Callable[[int], None] | None = None, p
     results = {"summary": aggregate(clips), "clips": clips}
     if palette is not COLORS:
         results["palette"] = {name: list(rgb) for name, rgb in palette.items()}
+    if diagonals:
+        results["diagonals"] = True
     return results
 
 

@@ -40,6 +40,15 @@ COLORS: dict[str, tuple[int, int, int]] = {
 Palette = Mapping[str, tuple[int, int, int]]
 SHAPES = ("circle", "square", "triangle")
 MOTIONS = ("left", "right", "up", "down", "static")
+# Directions the nano model never sees in training: a new concept for fine-tuning (docs/finetune.md). Each motion's
+# direction is a unit step in image coordinates (x right, y down); "static" has none.
+DIAGONAL_MOTIONS = ("up-left", "up-right", "down-left", "down-right")
+MOTION_VECTORS: dict[str, tuple[float, float]] = {
+    "left": (-1.0, 0.0), "right": (1.0, 0.0), "up": (0.0, -1.0), "down": (0.0, 1.0),
+    **{f"{v}-{u}": ((-1.0 if u == "left" else 1.0) / 2 ** 0.5, (-1.0 if v == "up" else 1.0) / 2 ** 0.5)
+       for v in ("up", "down") for u in ("left", "right")},
+}
+ALL_MOTIONS = MOTIONS + DIAGONAL_MOTIONS
 SIZES = ("small", "large")
 BACKGROUND = (18, 18, 22)
 
@@ -103,7 +112,7 @@ class Attributes:
         # the colour is any palette's name (render checks it against the palette it draws with)
         if not _COLOR_NAME.fullmatch(str(self.color)) or self.shape not in SHAPES or self.size not in SIZES:
             raise MotifVideoError(f"unknown attributes {self}")
-        if self.motion is not None and self.motion not in MOTIONS:
+        if self.motion is not None and self.motion not in ALL_MOTIONS:
             raise MotifVideoError(f"unknown motion {self.motion!r}")
 
 
@@ -118,8 +127,9 @@ class Sample:
 
 
 @lru_cache(maxsize=None)
-def clip_combinations(colors: tuple[str, ...] = tuple(COLORS)) -> tuple[Attributes, ...]:
-    return tuple(Attributes(c, s, z, m) for c, s, m, z in product(colors, SHAPES, MOTIONS, SIZES))
+def clip_combinations(colors: tuple[str, ...] = tuple(COLORS), motions: tuple[str, ...] = MOTIONS
+                      ) -> tuple[Attributes, ...]:
+    return tuple(Attributes(c, s, z, m) for c, s, m, z in product(colors, SHAPES, motions, SIZES))
 
 
 @lru_cache(maxsize=None)
@@ -131,10 +141,11 @@ def _rng(seed: int, kind: str, index: int) -> np.random.Generator:
     return np.random.default_rng(np.random.SeedSequence(seed, spawn_key=(_KIND_ID[kind], index)))
 
 
-def balanced_attributes(kind: str, index: int, seed: int, colors: Sequence[str] = tuple(COLORS)) -> Attributes:
+def balanced_attributes(kind: str, index: int, seed: int, colors: Sequence[str] = tuple(COLORS),
+                        motions: Sequence[str] = MOTIONS) -> Attributes:
     """Attributes of sample `index`: combinations are dealt in shuffled blocks, so any prefix is near balanced."""
     colors = tuple(colors)
-    combos = image_combinations(colors) if kind == "image" else clip_combinations(colors)
+    combos = image_combinations(colors) if kind == "image" else clip_combinations(colors, tuple(motions))
     block, pos = divmod(index, len(combos))
     return combos[_block_order(seed, kind, block, len(combos))[pos]]
 
@@ -176,17 +187,23 @@ def render(attrs: Attributes, frames: int, size: int, rng: np.random.Generator, 
     room = high - low
     motion = attrs.motion if (attrs.motion and frames > 1) else "static"
     travel = 0.0 if motion == "static" else min(float(rng.uniform(*TRAVEL)) * size, room)
-    # Along the motion axis the whole path must fit; across it, anywhere that fits.
-    along0 = float(rng.uniform(low + (travel if motion in ("left", "up") else 0.0),
-                               high - (travel if motion in ("right", "down") else 0.0)))
-    across = float(rng.uniform(low, high))
-    sign = -1.0 if motion in ("left", "up") else 1.0
     steps = np.linspace(0.0, 1.0, frames) if frames > 1 else np.zeros(1)
-    along = along0 + sign * travel * steps  # (T,) constant speed
-    if motion in ("up", "down"):
-        cx, cy = np.full(frames, across), along
+    if motion in DIAGONAL_MOTIONS:
+        # The same path length, split over both axes; each axis's share of the path must fit.
+        ux, uy = MOTION_VECTORS[motion]
+        x0, y0 = (float(rng.uniform(low + max(-u * travel, 0.0), high - max(u * travel, 0.0))) for u in (ux, uy))
+        cx, cy = x0 + ux * travel * steps, y0 + uy * travel * steps  # (T,) each, constant speed
     else:
-        cx, cy = along, np.full(frames, across)
+        # Along the motion axis the whole path must fit; across it, anywhere that fits.
+        along0 = float(rng.uniform(low + (travel if motion in ("left", "up") else 0.0),
+                                   high - (travel if motion in ("right", "down") else 0.0)))
+        across = float(rng.uniform(low, high))
+        sign = -1.0 if motion in ("left", "up") else 1.0
+        along = along0 + sign * travel * steps  # (T,) constant speed
+        if motion in ("up", "down"):
+            cx, cy = np.full(frames, across), along
+        else:
+            cx, cy = along, np.full(frames, across)
     coords = np.arange(size, dtype=np.float32) + 0.5
     dx = coords[None, None, :] - cx[:, None, None].astype(np.float32)  # (T, 1, S)
     dy = coords[None, :, None] - cy[:, None, None].astype(np.float32)  # (T, S, 1)
@@ -224,6 +241,11 @@ TRAIN_WORDS = {
                  "moving toward the bottom", "plummeting", "sliding down", "travelling downward"],
         "static": ["staying still", "not moving", "resting in place", "sitting still", "frozen in place",
                    "keeping still"],
+        **{f"{v}-{u}": [f"moving diagonally {v} and to the {u}", f"moving to the {'upper' if v == 'up' else 'lower'} {u}",
+                        f"drifting toward the {'top' if v == 'up' else 'bottom'} {u} corner",
+                        f"moving {'north' if v == 'up' else 'south'}{'west' if u == 'left' else 'east'}",
+                        f"sliding {v} and {u}", f"travelling diagonally {v} and {u}"]
+           for v in ("up", "down") for u in ("left", "right")},
     },
     "static_adjective": ["static", "stationary", "motionless", "still"],
 }
@@ -237,6 +259,10 @@ HELDOUT_WORDS = {
         "up": ["climbing upward", "ascending", "going up"],
         "down": ["descending", "dropping downward", "going down"],
         "static": ["standing still", "staying put", "holding its position"],
+        **{f"{v}-{u}": [f"gliding toward the {'top' if v == 'up' else 'bottom'}-{u} corner",
+                        f"heading {'upward' if v == 'up' else 'downward'} and to the {u}",
+                        f"going {v} and {u} at once"]
+           for v in ("up", "down") for u in ("left", "right")},
     },
     "static_adjective": ["unmoving", "immobile"],
 }
@@ -310,8 +336,9 @@ def heldout_caption(attrs: Attributes, rng: np.random.Generator) -> str:
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def make_clip(index: int, seed: int, frames: int = 17, size: int = 64, palette: Palette = COLORS) -> Sample:
-    attrs = balanced_attributes("clip", index, seed, tuple(palette))
+def make_clip(index: int, seed: int, frames: int = 17, size: int = 64, palette: Palette = COLORS,
+              motions: Sequence[str] = MOTIONS) -> Sample:
+    attrs = balanced_attributes("clip", index, seed, tuple(palette), motions)
     rng = _rng(seed, "clip", index)
     sample = render(attrs, frames, size, rng, palette)
     sample.caption = train_caption(attrs, rng)
@@ -326,11 +353,12 @@ def make_image(index: int, seed: int, size: int = 64, palette: Palette = COLORS)
     return sample
 
 
-def heldout_prompts(n: int, seed: int = 0, colors: Sequence[str] = tuple(COLORS)) -> list[dict]:
+def heldout_prompts(n: int, seed: int = 0, colors: Sequence[str] = tuple(COLORS),
+                    motions: Sequence[str] = MOTIONS) -> list[dict]:
     """`n` evaluation prompts in the held-out wording with their attributes, balanced over clip combinations."""
     out = []
     for i in range(n):
-        attrs = balanced_attributes("prompt", i, seed, colors)
+        attrs = balanced_attributes("prompt", i, seed, colors, motions)
         out.append({"prompt": heldout_caption(attrs, _rng(seed, "prompt", i)), "attributes": asdict(attrs)})
     return out
 
@@ -390,9 +418,11 @@ def write_dataset(
     overwrite: bool = False,
     progress=None,
     palette: Palette = COLORS,
+    motions: Sequence[str] = MOTIONS,
 ) -> dict:
     """Write `clip_NNNNN.mp4` / `image_NNNNN.png` with same-name `.txt` captions, `metadata.jsonl` (path, caption,
-    attributes) and, if asked, `heldout_prompts.jsonl`, drawing the colours of `palette`. Returns a summary dict."""
+    attributes) and, if asked, `heldout_prompts.jsonl`, drawing the colours of `palette` and the clip motions of
+    `motions`. Returns a summary dict."""
     from ..pipeline.video_io import write_video
 
     if clips < 0 or images < 0 or clips + images == 0:
@@ -406,6 +436,11 @@ def write_dataset(
         raise MotifVideoError(f"fps must be a positive number, got {fps}")
     if not palette:
         raise MotifVideoError("the palette holds no colours")
+    motions = tuple(dict.fromkeys(motions))
+    unknown = [m for m in motions if m not in ALL_MOTIONS]
+    if not motions or unknown:
+        raise MotifVideoError(f"unknown motion {unknown[0]!r}; choose from {', '.join(ALL_MOTIONS)}" if unknown
+                              else "no motions to draw")
     _check_render_memory(frames, size)
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
@@ -420,7 +455,7 @@ def write_dataset(
 
     records = []
     for i in range(clips):
-        sample = make_clip(i, seed, frames, size, palette)
+        sample = make_clip(i, seed, frames, size, palette, motions)
         name = f"clip_{i:05d}"
         write_video(sample.frames, out / f"{name}.mp4", fps=fps)
         atomic_write_text(out / f"{name}.txt", sample.caption + "\n")
@@ -437,8 +472,8 @@ def write_dataset(
             progress(1)
     atomic_write_text(out / "metadata.jsonl", "".join(json.dumps(r) + "\n" for r in records))
     if eval_prompts:
-        prompts = heldout_prompts(eval_prompts, seed, tuple(palette))
+        prompts = heldout_prompts(eval_prompts, seed, tuple(palette), motions)
         atomic_write_text(out / "heldout_prompts.jsonl", "".join(json.dumps(p) + "\n" for p in prompts))
     return {"out_dir": str(out), "clips": clips, "images": images, "eval_prompts": eval_prompts,
-            "colors": list(palette)}
+            "colors": list(palette), "motions": list(motions)}
 
