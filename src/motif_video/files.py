@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import errno
+import fcntl
 import os
 import re
 import secrets
@@ -142,6 +143,32 @@ def _alive(pid: int) -> bool:
 # ----------------------------------------------------------------------------------------------------------------
 # Durability
 # ----------------------------------------------------------------------------------------------------------------
+
+
+def try_exclusive_lock(path: str | os.PathLike):
+    """An exclusive advisory lock on `path` (created), held while the returned open file is (the OS drops it when
+    the process ends, killed or not), or None when another process holds it. The holder's pid goes into the file,
+    which `lock_holder` reads for the message of whoever finds the lock taken."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle = open(path, "a+")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        handle.close()
+        return None
+    handle.truncate(0)
+    handle.write(f"pid {os.getpid()}")
+    handle.flush()
+    return handle
+
+
+def lock_holder(path: str | os.PathLike) -> str:
+    """Who holds the lock at `path`, as `try_exclusive_lock` wrote it ("pid N"), or "another process"."""
+    try:
+        return Path(path).read_text(errors="replace").strip()[:64] or "another process"
+    except OSError:
+        return "another process"
 
 
 def _fsync_path(path: Path) -> None:

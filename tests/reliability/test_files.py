@@ -200,3 +200,32 @@ def test_written_content_is_complete(tmp_path):
     data = os.urandom(1 << 20)
     assert files.atomic_write_bytes(tmp_path / "a.bin", data).read_bytes() == data
     assert Path(tmp_path / "a.bin").stat().st_size == len(data)
+
+
+def test_exclusive_lock_is_held_until_closed_or_the_process_dies(tmp_path):
+    import subprocess
+    import sys
+
+    from motif_video.files import lock_holder, try_exclusive_lock
+
+    path = tmp_path / "run" / ".lock"
+    first = try_exclusive_lock(path)
+    assert first is not None and try_exclusive_lock(path) is None
+    assert lock_holder(path) == f"pid {os.getpid()}"
+    first.close()
+    again = try_exclusive_lock(path)
+    assert again is not None
+    again.close()
+    # a holder killed with SIGKILL leaves no lock behind
+    code = (f"import sys, time; from motif_video.files import try_exclusive_lock; "
+            f"h = try_exclusive_lock({str(path)!r}); print('held', flush=True); time.sleep(60)")
+    child = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    try:
+        assert child.stdout.readline().strip() == "held"
+        assert try_exclusive_lock(path) is None and lock_holder(path) == f"pid {child.pid}"
+    finally:
+        child.kill()
+        child.wait()
+    taken = try_exclusive_lock(path)
+    assert taken is not None
+    taken.close()

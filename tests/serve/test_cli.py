@@ -32,3 +32,16 @@ def test_a_port_in_use_is_an_error(tmp_path, capsys):
         port = taken.getsockname()[1]
         assert cli_main(["serve", "--port", str(port), "--data-dir", str(tmp_path / "data")]) == 2
     assert "cannot listen on 127.0.0.1" in capsys.readouterr().err
+
+
+def test_one_server_per_data_dir(tmp_path):
+    from motif_video.commands.serve import _lock_data_dir
+    from motif_video.errors import MotifVideoError
+
+    held = _lock_data_dir(tmp_path)
+    try:
+        with pytest.raises(MotifVideoError, match=r"another server \(pid \d+\) is using"):
+            _lock_data_dir(tmp_path)
+    finally:
+        held.close()
+    _lock_data_dir(tmp_path).close()  # free again once its holder lets go

@@ -253,7 +253,8 @@ LOCK_HOLDER = """
 import sys, time
 from pathlib import Path
 from motif_video.train.loop import RunLock
-assert RunLock(Path(sys.argv[1])).acquire() is None
+lock = RunLock(Path(sys.argv[1]))  # held while the object lives
+assert lock.acquire() is None
 print("locked", flush=True)
 time.sleep(60)
 """

@@ -79,16 +79,13 @@ def _check_port(host: str, port: int) -> None:
 
 def _lock_data_dir(data_dir: Path):
     """One server per data dir: two workers on one queue would run jobs twice. The lock dies with the process."""
-    import fcntl
-
     from ..errors import MotifVideoError
+    from ..files import lock_holder, try_exclusive_lock
 
-    handle = open(data_dir / "server.lock", "w")
-    try:
-        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
-        handle.close()
-        raise MotifVideoError(f"another server is using {data_dir}; stop it or pass another --data-dir") from None
+    handle = try_exclusive_lock(data_dir / "server.lock")
+    if handle is None:
+        raise MotifVideoError(f"another server ({lock_holder(data_dir / 'server.lock')}) is using {data_dir}; stop "
+                              "it or pass another --data-dir")
     return handle
 
 

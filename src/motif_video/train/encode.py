@@ -9,7 +9,6 @@ count of either run. A clip that cannot be read or decoded is logged and skipped
 
 from __future__ import annotations
 
-import fcntl
 import logging
 import math
 import os
@@ -22,6 +21,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..errors import ConfigError, MotifVideoError
+from ..files import lock_holder, try_exclusive_lock
 from ..model_folder import CONDITIONING_PARTS, ModelFolder, default_device_dtype, read_source_pointer
 from ..pipeline.pipeline import first_frame_tokens
 from ..pipeline.text import PromptEncoder, text_length
@@ -135,13 +135,10 @@ def _check_rate(fps) -> None:
 
 def _take_lock(out: Path):
     """An exclusive lock on the cache folder for this run (released when the process ends, killed or not)."""
-    out.mkdir(parents=True, exist_ok=True)
-    handle = open(out / LOCK_NAME, "a")
-    try:
-        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        handle.close()
-        raise ConfigError(f"another `motif-video cache` is writing into {out}; wait for it to finish") from None
+    handle = try_exclusive_lock(out / LOCK_NAME)
+    if handle is None:
+        raise ConfigError(f"another `motif-video cache` ({lock_holder(out / LOCK_NAME)}) is writing into {out}; "
+                          "wait for it to finish")
     return handle
 
 

@@ -13,10 +13,8 @@ is what a resume continues from. One run at a time per output_dir (a lock file).
 
 from __future__ import annotations
 
-import fcntl
 import json
 import math
-import os
 import random
 import statistics
 import time
@@ -31,7 +29,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from ..errors import ConfigError, MotifVideoError
-from ..files import atomic_write_text
+from ..files import atomic_write_text, lock_holder, try_exclusive_lock
 from ..model_folder import default_device_dtype
 from .buckets import Bucket, BucketSet
 from .cached import CachedLatentDataset, collate
@@ -119,29 +117,20 @@ class RunLock:
 
     def __init__(self, folder: Path):
         self.path = folder / ".lock"
-        self.fd: int | None = None
+        self.handle = None
 
     def acquire(self) -> str | None:
         """None when taken; otherwise why not."""
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "another process"
-            os.close(fd)
-            return (f"{self.path.parent} is in use by another training run ({holder}); wait for it to finish or "
-                    "choose another output_dir")
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"pid {os.getpid()}".encode(), 0)
-        self.fd = fd
+        self.handle = try_exclusive_lock(self.path)
+        if self.handle is None:
+            return (f"{self.path.parent} is in use by another training run ({lock_holder(self.path)}); wait for it "
+                    "to finish or choose another output_dir")
         return None
 
     def release(self) -> None:
-        if self.fd is not None:
-            fcntl.flock(self.fd, fcntl.LOCK_UN)
-            os.close(self.fd)
-            self.fd = None
+        if self.handle is not None:
+            self.handle.close()
+            self.handle = None
 
 
 @dataclass
