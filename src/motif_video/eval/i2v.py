@@ -13,7 +13,6 @@ Four checks per (clip, first image, prompt), all analytic (`metrics.measure_clip
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 from typing import Callable
@@ -26,7 +25,7 @@ from ..pipeline.video_io import read_video
 from ..records import JSONL_SUFFIXES, read_jsonl
 from .metrics import MIN_AREA_PX, measure_clip, score_clip
 from .prompts import PromptAttributes, parse_prompt
-from .report import load_items
+from .report import load_items, store_report
 
 # RGB distance (0..441) above which a frame-0 pixel counts as changed: well above H.264's ~10-unit colour noise,
 # below half the 120-190 distance between neighbouring palette colours and the object-background contrast.
@@ -142,16 +141,4 @@ def markdown_i2v(results: dict, title: str) -> str:
 
 
 def write_i2v_report(results: dict, out_dir, title: str = "motif-video eval (image-to-video)") -> dict:
-    out = Path(out_dir)
-    if out.exists() and not out.is_dir():
-        raise MotifVideoError(f"{out} exists and is not a folder")
-    out.mkdir(parents=True, exist_ok=True)
-    stored = {**results, "clips": [{**c, "path": os.path.relpath(c["path"], out),
-                                    "image": os.path.relpath(c["image"], out)} for c in results["clips"]]}
-    written = {"results": out / "results.json", "markdown": out / "report.md"}
-    for path, text in ((written["results"], json.dumps(stored, indent=2) + "\n"),
-                       (written["markdown"], markdown_i2v(results, title))):
-        tmp = path.with_name(f".{path.name}.partial")
-        tmp.write_text(text)
-        os.replace(tmp, path)
-    return written
+    return store_report(results, out_dir, markdown_i2v(results, title), path_keys=("path", "image"))

@@ -233,7 +233,10 @@ def markdown_table(results: dict, title: str = "motif-video eval", max_rows: int
     return "\n".join(lines) + "\n"
 
 
-def write_report(results: dict, out_dir, title: str = "motif-video eval") -> dict:
+def store_report(results: dict, out_dir, markdown: str, path_keys=("path",)) -> dict:
+    """Write results.json and report.md into the folder `out_dir` (created), each atomically; the clips' files
+    (`path_keys` of each clip row) are stored relative to the folder, so the report names nothing of the machine
+    that wrote it. Returns their paths."""
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
         raise MotifVideoError(f"{out} exists and is not a folder")
@@ -241,10 +244,17 @@ def write_report(results: dict, out_dir, title: str = "motif-video eval") -> dic
         out.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise MotifVideoError(f"cannot create the report folder {out}: {e.strerror or e}") from None
-    # clip paths relative to the report folder, so the file names nothing of the machine that wrote it
-    stored = {**results, "clips": [{**c, "path": os.path.relpath(c["path"], out)} for c in results["clips"]]}
-    atomic_write_text(out / "results.json", json.dumps(stored, indent=2) + "\n")
-    atomic_write_text(out / "report.md", markdown_table(results, title))
+    stored = {**results, "clips": [{**c, **{k: os.path.relpath(c[k], out) for k in path_keys}}
+                                   for c in results["clips"]]}
+    written = {"results": out / "results.json", "markdown": out / "report.md"}
+    atomic_write_text(written["results"], json.dumps(stored, indent=2) + "\n")
+    atomic_write_text(written["markdown"], markdown)
+    return written
+
+
+def write_report(results: dict, out_dir, title: str = "motif-video eval") -> dict:
+    written = store_report(results, out_dir, markdown_table(results, title))
+    out = Path(out_dir)
     s = results["summary"]
     bar_chart([(label, s[key]) for key, label, _ in DIMENSIONS], f"{title}: {s['clips']} clips", out / "summary.png")
     bars, groups = [], []
@@ -254,4 +264,4 @@ def write_report(results: dict, out_dir, title: str = "motif-video eval") -> dic
             groups.append((attr, len(values)))
     if bars:
         bar_chart(bars, "accuracy by requested value (colour | shape | motion)", out / "accuracy_by_value.png", groups)
-    return {"results": out / "results.json", "markdown": out / "report.md", "plots": sorted(out.glob("*.png"))}
+    return {**written, "plots": sorted(out.glob("*.png"))}
