@@ -27,7 +27,7 @@ from motif_video.train.distill import (DistillationObjective, TrajectoryDataset,
                                        teacher_trajectories, write_trajectories)
 from motif_video.train.loop import train
 from motif_video.train.objective import TrainModule
-from tests.train.engine_helpers import one_thread, read_log  # noqa: F401
+from tests.train.engine_helpers import base_config, one_thread, read_log  # noqa: F401
 from tests.train.test_distributed import run as run_cli
 from tests.train.test_resume import Crash, crash_after
 
@@ -145,17 +145,12 @@ def _cache(teacher, folder):
 
 def _config(tmp_path, teacher, cache, **sections):
     folder, _ = teacher
-    raw = {
-        "output_dir": str(tmp_path / "run"), "seed": 5,
-        "model": {"pretrained": str(folder / "transformer")},
+    raw = base_config(tmp_path, cache, **{
+        "seed": 5, "model": {"pretrained": str(folder / "transformer")},
         "data": {"cache_dirs": [str(cache)], "batch_size": 4, "interleave": ""},
         "objective": {"kind": "distill", "encoder_refresh": [0]},
         "optim": {"lr": 2e-3, "steps": 10, "warmup_steps": 2},
-        "ema": {"enabled": True, "decay": 0.9},
-        "logging": {"every": 1, "tensorboard": None, "progress": False},
-        "checkpointing": {"every": 3, "keep_last": 5},
-    }
-    raw.update(sections)
+        "checkpointing": {"every": 3, "keep_last": 5}, **sections})
     return raw
 
 
