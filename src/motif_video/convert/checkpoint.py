@@ -174,7 +174,6 @@ def load_any_config(config):
 def convert_transformer(folder_in: str | Path, folder_out: str | Path, to: str) -> tuple[str, Path, Path, int]:
     """Write the transformer of `folder_in` (a transformer or model folder) in the `to` layout at `folder_out`
     (`motif-video convert`); returns (source layout, the folder read, the folder written, tensors written)."""
-    from ..files import atomic_dir
     from ..model_folder import transformer_folder
     from .layouts import to_layout
 
@@ -194,10 +193,9 @@ def convert_transformer(folder_in: str | Path, folder_out: str | Path, to: str) 
             raise
         raise CheckpointError(f"{e}; `convert --to original` and `quantize --layout tied` work for it") from None
     config = config.replace(cross_attention_form="untied" if to == "diffusers" else "tied")
-    # Written beside the destination and swapped in complete: converting in place or onto an existing model never
-    # leaves a folder without weights, whatever interrupts the write.
-    with atomic_dir(out) as tmp:
-        save_state_dict_folder(converted, config.to_diffusers_json(), tmp, max_shard_size=5 * 1024**3)
+    # save_state_dict_folder writes beside the destination and swaps in complete: converting in place or onto an
+    # existing model never leaves a folder without weights, whatever interrupts the write.
+    save_state_dict_folder(converted, config.to_diffusers_json(), out, max_shard_size=5 * 1024**3)
     return source, folder, out, len(converted)
 
 
