@@ -250,6 +250,9 @@ CASES = [
     ("nano-train-clips-0", "nano-train {w}/run --clips 0", [">= 1"]),
     ("nano-train-stage-0", "nano-train {w}/run --stage-steps 1 0 1", [">= 1"]),
     ("nano-train-encoder-budget", "nano-train {w}/run --encoder-budget 999", ["--encoder-budget"]),
+    ("nano-train-override-key", "nano-train {w}/run -o objective.image_condition.probabilty=0",
+     ["unknown config key", "probabilty"]),
+    ("nano-train-override-value", "nano-train {w}/run --override optim.lr=abc", ["optim.lr", "number"]),
     # eval
     ("eval-missing", "eval {w}/missing --out {w}/report", ["does not exist"]),
     ("eval-empty-folder", "eval {a}/empty_dir --out {w}/report", ["no clips"]),

@@ -41,13 +41,16 @@ def register(subparsers) -> None:
                         "(0: exact sampling)")
     p.add_argument("--codec-from", default=None, help="reuse a trained codec folder instead of training one")
     p.add_argument("--teacher-from", default=None, help="reuse a trained teacher folder instead of training one")
+    p.add_argument("--override", "-o", nargs="+", action="extend", default=[], metavar="KEY=VALUE",
+                   help="set a value in every curriculum stage's training config, as `motif-video train -o` does, "
+                        "e.g. objective.image_condition.probability=0 (repeatable)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=run)
 
 
 def run(args) -> int:
     from ..errors import ConfigError
-    from ..nano.recipe import CONFIG_DIR, run_recipe
+    from ..nano.recipe import CONFIG_DIR, run_recipe, stage_config
 
     if not (CONFIG_DIR / "stage1.yaml").is_file():
         raise ConfigError(f"the nano curriculum configs are missing ({CONFIG_DIR}); run from a source checkout "
@@ -59,6 +62,8 @@ def run(args) -> int:
         if folder is not None and not (Path(folder) / "config.json").is_file():
             what = "not found" if not Path(folder).exists() else "is not a trained folder (no config.json)"
             raise ConfigError(f"{flag} {folder} {what}")
+    for stage, steps in enumerate(args.stage_steps, 1):  # a bad --override fails now, not after the codec
+        stage_config(stage, Path(args.out_dir), steps, Path(args.out_dir) / "teacher", False, args.override)
     sampling_steps = NanoPlan().generation["num_inference_steps"]
     if not 0 <= args.encoder_budget <= sampling_steps:
         raise ConfigError(f"--encoder-budget must be in [0, {sampling_steps}] (the model's sampling steps)")
@@ -66,7 +71,8 @@ def run(args) -> int:
                     codec_budget_s=args.codec_budget, teacher_steps=args.teacher_steps,
                     stage_steps=tuple(args.stage_steps), eval_prompts=args.eval_prompts, eval_steps=args.eval_steps,
                     encoder_budget=args.encoder_budget or None, codec_from=args.codec_from,
-                    teacher_from=args.teacher_from, i2v_eval_clips=args.i2v_eval_clips)
+                    teacher_from=args.teacher_from, i2v_eval_clips=args.i2v_eval_clips,
+                    train_overrides=tuple(args.override))
     log = run_recipe(args.out_dir, plan, progress=not args.quiet)
     summary = log.get("eval", {}).get("summary", {})
     scores = ", ".join(f"{key} {summary[key]:.3f}" for key in ("all_correct", "color_accuracy", "shape_accuracy",
