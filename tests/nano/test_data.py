@@ -171,6 +171,44 @@ def test_nano_data_diagonal_cli(tmp_path, capsys):
     assert "unknown motion 'sideways'" in capsys.readouterr().err
 
 
+def test_diamond_clips():
+    # The diamond (never in the nano training set): half its bounding box, clear of the box's corners, and what
+    # the evaluator, once taught it, reads back; untaught, the evaluator has no diamond to answer.
+    from motif_video.eval.metrics import measure_clip
+
+    for seed in range(3):
+        s = render(Attributes("yellow", "diamond", "large", "right"), 17, 64, np.random.default_rng(seed))
+        alpha = np.abs(s.frames.astype(float) - BACKGROUND).max(-1) / np.abs(np.array(s.color_rgb) - BACKGROUND).max()
+        assert alpha.sum(axis=(1, 2)).mean() == pytest.approx(2.0 * s.half_extent**2, rel=0.03)
+        x0, y0 = s.centers[0]
+        corner = s.half_extent * 0.6  # a point of the bounding box a square would fill but a diamond cannot
+        assert alpha[0, int(y0 - corner), int(x0 - corner)] == 0 and alpha[0, int(y0), int(x0)] == 1
+        assert measure_clip(s.frames, shapes=["diamond"]).shape == "diamond"
+        assert measure_clip(s.frames).shape != "diamond"
+    rows = heldout_prompts(35, seed=1, shapes=data.NEW_SHAPES, sizes=("large",))
+    assert {(r["attributes"]["shape"], r["attributes"]["size"]) for r in rows} == {("diamond", "large")}
+    assert len({(r["attributes"]["color"], r["attributes"]["motion"]) for r in rows}) == 35  # one block: all once
+    assert all(parse_prompt(r["prompt"], shapes=["diamond"]).shape == "diamond" for r in rows)
+    assert all(parse_prompt(r["prompt"]).shape is None for r in rows)
+
+
+def test_nano_data_new_shape_cli(tmp_path, capsys):
+    out = tmp_path / "diamond"
+    assert main(["nano-data", str(out), "--clips", "10", "--images", "2", "--frames", "9", "--eval-prompts", "4",
+                 "--shape", "diamond", "--object-size", "large", "--color", "red", "--color", "blue"]) == 0
+    rows = [json.loads(line) for line in (out / "metadata.jsonl").read_text().splitlines()]
+    assert {(r["attributes"]["shape"], r["attributes"]["size"]) for r in rows} == {("diamond", "large")}
+    report = tmp_path / "report"
+    assert main(["eval", str(out / "metadata.jsonl"), "--out", str(report), "--shape", "diamond"]) == 0
+    results = json.loads((report / "results.json").read_text())
+    assert results["summary"]["shape_accuracy"] == 1.0 and results["shapes"] == ["diamond"]
+    capsys.readouterr()
+    assert main(["nano-data", str(tmp_path / "x"), "--clips", "1", "--shape", "star"]) == 2
+    assert "unknown shape 'star'" in capsys.readouterr().err
+    assert main(["eval", str(out), "--out", str(tmp_path / "r"), "--shape", "star"]) == 2
+    assert "can be taught diamond" in capsys.readouterr().err
+
+
 def test_render_single_frame_is_static():
     s = render(Attributes("blue", "triangle", "large", "right"), 1, 32, np.random.default_rng(0))
     assert s.frames.shape == (1, 32, 32, 3) and _object_pixels(s.frames).any()

@@ -29,6 +29,10 @@ def register(subparsers) -> None:
                    help="teach the evaluator diagonal motion: prompts asking for up-left, up-right, down-left or "
                         "down-right (e.g. 'up and to the right', 'toward the lower left', 'northeast') are scored on "
                         "it, and clip motions are classified among eight directions instead of four")
+    p.add_argument("--shape", action="append", default=[], metavar="NAME",
+                   help="teach the evaluator a shape beyond circle, square and triangle (repeatable; known: diamond, "
+                        "which `nano-data --shape` draws): prompts naming "
+                        "it are scored on it, and clips are classified among the nano shapes and it")
     p.add_argument("--image-to-video", action="store_true",
                    help="score clips made from a first image: keeps the image's colour and shape, follows the "
                         "prompt's direction, frame 0 close to the image (each clip's image: <name>.image.png in a "
@@ -51,6 +55,11 @@ def run(args) -> int:
         raise MotifVideoError(f"--out {out} is an existing file; give a folder")
     check_writable_dir(next(p for p in (out.absolute(), *out.absolute().parents) if p.exists()), "report")
     palette = _palette(args.color)
+    from ..eval.metrics import NEW_SHAPE_PROTOTYPES
+
+    unknown = [name for name in args.shape if name not in NEW_SHAPE_PROTOTYPES]
+    if unknown:
+        raise MotifVideoError(f"--shape {unknown[0]!r}: the evaluator can be taught {', '.join(NEW_SHAPE_PROTOTYPES)}")
     if args.image_to_video:
         return _run_image_to_video(args, palette)
     items = load_items(args.source)
@@ -63,7 +72,8 @@ def run(args) -> int:
     title = args.title or f"motif-video eval: {Path(args.source).name}" + (
         " (shuffled prompts)" if args.shuffle_prompts is not None else "")
     with tqdm(total=len(items), unit="clip", disable=None) as bar:
-        results = evaluate(items, progress=bar.update, palette=palette, diagonals=args.diagonal)
+        results = evaluate(items, progress=bar.update, palette=palette, diagonals=args.diagonal,
+                           shapes=args.shape)
     written = write_report(results, args.out, title)
     print(markdown_table(results, title, max_rows=0).rstrip())
     print(f"\nwrote {written['results']}, {written['markdown']} and {len(written['plots'])} plots")
@@ -95,7 +105,8 @@ def _run_image_to_video(args, palette) -> int:
         items = items[: args.limit]
     title = args.title or f"motif-video eval (image-to-video): {Path(args.source).name}"
     with tqdm(total=len(items), unit="clip", disable=None) as bar:
-        results = evaluate_i2v(items, progress=bar.update, palette=palette, diagonals=args.diagonal)
+        results = evaluate_i2v(items, progress=bar.update, palette=palette, diagonals=args.diagonal,
+                           shapes=args.shape)
     written = write_i2v_report(results, args.out, title)
     print(markdown_i2v(results, title).rstrip())
     print(f"\nwrote {written['results']} and {written['markdown']}")

@@ -34,6 +34,11 @@ def register(subparsers) -> None:
                    help="draw only these clip motions (repeat for several): left, right, up, down, static, or the "
                         "diagonals the nano model never saw in training (up-left, up-right, down-left, down-right). "
                         "Default: the five nano motions")
+    p.add_argument("--shape", action="append", default=None, metavar="NAME",
+                   help="draw only these shapes (repeat for several): circle, square, triangle, or the diamond the "
+                        "nano model never saw in training. Default: the three nano shapes")
+    p.add_argument("--object-size", action="append", default=None, choices=["small", "large"],
+                   help="draw only objects of this size class (repeat for both; default: both)")
     p.add_argument("--overwrite", action="store_true", help="replace a previous nano dataset in OUT_DIR")
     p.set_defaults(func=run)
 
@@ -42,7 +47,7 @@ def run(args) -> int:
     from tqdm import tqdm
 
     from ..errors import MotifVideoError
-    from ..nano.data import COLORS, MOTIONS, parse_palette, write_dataset
+    from ..nano.data import COLORS, MOTIONS, SHAPES, SIZES, parse_palette, write_dataset
 
     if args.eval_prompts < 0:
         raise MotifVideoError(f"--eval-prompts must be >= 0, got {args.eval_prompts}")
@@ -53,6 +58,7 @@ def run(args) -> int:
             args.out_dir, clips=args.clips, images=args.images, frames=args.frames, size=args.size,
             seed=args.seed, fps=args.fps, eval_prompts=args.eval_prompts, overwrite=args.overwrite,
             progress=bar.update, palette=palette, motions=args.motion or MOTIONS,
+            shapes=args.shape or SHAPES, sizes=args.object_size or SIZES,
         )
     seconds = time.perf_counter() - start
     extra = f", {summary['eval_prompts']} held-out prompts" if summary["eval_prompts"] else ""

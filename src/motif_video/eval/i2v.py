@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Sequence
 
 import numpy as np
 
@@ -80,9 +80,10 @@ def first_frame_change(frame0: np.ndarray, image: np.ndarray) -> float:
 
 
 def evaluate_i2v_clip(frames: np.ndarray, image: np.ndarray, prompt: str, palette: Palette = COLORS,
-                      diagonals: bool = False) -> dict:
-    expected = parse_prompt(prompt, palette, diagonals)
-    clip, first = measure_clip(frames, palette, diagonals), measure_clip(image[None], palette)
+                      diagonals: bool = False, shapes: Sequence[str] = ()) -> dict:
+    expected = parse_prompt(prompt, palette, diagonals, shapes)
+    clip = measure_clip(frames, palette, diagonals, shapes)
+    first = measure_clip(image[None], palette, shapes=shapes)
     direction = score_clip(clip, PromptAttributes(motion=expected.motion))["direction_correct"]
     change = first_frame_change(frames[0], image)
     checks = {
@@ -97,13 +98,13 @@ def evaluate_i2v_clip(frames: np.ndarray, image: np.ndarray, prompt: str, palett
 
 
 def evaluate_i2v(items: list[dict], progress: Callable[[int], None] | None = None,
-                 palette: Palette = COLORS, diagonals: bool = False) -> dict:
+                 palette: Palette = COLORS, diagonals: bool = False, shapes: Sequence[str] = ()) -> dict:
     """Per-clip results and their rates; a clip or image that cannot be read fails every check."""
     clips = []
     for item in items:
         try:
             row = evaluate_i2v_clip(read_video(item["path"]), read_video(item["image"])[0], item["prompt"], palette,
-                                    diagonals)
+                                    diagonals, shapes)
         except MotifVideoError as e:
             row = {"prompt": item["prompt"], "measured": None, "error": str(e),
                    **{k: False for k in (*CHECKS, "all_correct")}}

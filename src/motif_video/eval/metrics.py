@@ -11,6 +11,7 @@ from __future__ import annotations
 import colorsys
 import math
 from dataclasses import asdict, dataclass
+from typing import Sequence
 
 import numpy as np
 
@@ -49,6 +50,8 @@ SHAPE_PROTOTYPES = {
     "square": (1.0, 1.0, 0.0),
     "triangle": (0.5, 0.375, 0.75),
 }
+# Taught on request (`measure_clip(..., shapes=["diamond"])`): a diamond fills half its box and no corner.
+NEW_SHAPE_PROTOTYPES = {"diamond": (0.5, 0.0, 0.0)}
 # The fill ratio is the main cue (it separates the three shapes on its own for clean renders); corner patches are
 # only a few pixels on small objects, and 4:2:0 chroma blurs them, so they get less weight.
 SHAPE_WEIGHTS = (4.0, 1.0, 1.0)
@@ -245,10 +248,12 @@ def shape_features(mask: np.ndarray) -> tuple[float, float, float] | None:
     return float(box.mean()), float((tl + tr + bl + br) / 4), float(abs((bl + br) - (tl + tr)) / 2)
 
 
-def classify_shape(features) -> str:
+def classify_shape(features, shapes: Sequence[str] = ()) -> str:
+    """The nearest prototype among the nano shapes and the taught `shapes`."""
+    prototypes = {**SHAPE_PROTOTYPES, **{name: NEW_SHAPE_PROTOTYPES[name] for name in shapes}}
     return min(
-        SHAPE_PROTOTYPES,
-        key=lambda n: sum(wt * (a - b) ** 2 for wt, a, b in zip(SHAPE_WEIGHTS, features, SHAPE_PROTOTYPES[n])),
+        prototypes,
+        key=lambda n: sum(wt * (a - b) ** 2 for wt, a, b in zip(SHAPE_WEIGHTS, features, prototypes[n])),
     )
 
 
@@ -277,9 +282,11 @@ def _soft_iou(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.minimum(a, b).sum() / union) if union > 0 else 0.0
 
 
-def measure_clip(frames: np.ndarray, palette: Palette = COLORS, diagonals: bool = False) -> ClipMeasurement:
-    """Measure a uint8 clip (T, H, W, 3) (a single image is T = 1); the colour is named from `palette`, the motion
-    among the four axis directions, or eight with `diagonals`."""
+def measure_clip(frames: np.ndarray, palette: Palette = COLORS, diagonals: bool = False,
+                 shapes: Sequence[str] = ()) -> ClipMeasurement:
+    """Measure a uint8 clip (T, H, W, 3) (a single image is T = 1); the colour is named from `palette`, the shape
+    among the nano three and the taught `shapes`, the motion among the four axis directions, or eight with
+    `diagonals`."""
     frames = np.asarray(frames)
     if frames.ndim != 4 or frames.shape[-1] != 3 or frames.shape[0] < 1:
         raise MotifVideoError(f"expected frames shaped (T, H, W, 3), got {frames.shape}")
@@ -325,7 +332,7 @@ def measure_clip(frames: np.ndarray, palette: Palette = COLORS, diagonals: bool 
     if feats:
         med = np.median(np.array(feats), axis=0)
         m.fill_ratio, m.corner_fill, m.corner_asymmetry = (round(float(v), 4) for v in med)
-        m.shape = classify_shape(med)
+        m.shape = classify_shape(med, shapes)
 
     # 5. Motion: least-squares line through the centroids, its slope times the clip length.
     # Soft mask linear in pixel coverage (a blend of object and background colours lies on the line between

@@ -41,6 +41,8 @@ _SHAPE = {
     "square": r"squares?|boxe?s?|blocks?|cubes?|tiles?|quadrilateral",
     "triangle": r"triangles?|triangular|wedges?|pyramids?",
 }
+# Shapes beyond the nano three, read only when the evaluator is taught them (`parse_prompt(..., shapes=...)`).
+_NEW_SHAPE = {"diamond": r"diamonds?|rhombus(?:es)?|rhombi|lozenges?"}
 _SIZE = {
     "small": r"small|smaller|little|tiny|miniature|mini|petite",
     "large": r"large|larger|big|bigger|huge|giant|oversized|enormous",
@@ -105,10 +107,16 @@ def _direction(motion_text: str, diagonals: bool) -> str | None:
     return directions[-1][1]
 
 
-def parse_prompt(text: str, colors: Iterable[str] = (), diagonals: bool = False) -> PromptAttributes:
+def parse_prompt(text: str, colors: Iterable[str] = (), diagonals: bool = False,
+                 shapes: Iterable[str] = ()) -> PromptAttributes:
     """Expected attributes of a prompt; a field is None when the prompt does not say (or names two values).
     `colors`: names of colours beyond the nano palette that the prompt may ask for (e.g. ["orange"]);
-    `diagonals`: read diagonal directions (up-left, up-right, down-left, down-right) as well as the four axes."""
+    `diagonals`: read diagonal directions (up-left, up-right, down-left, down-right) as well as the four axes;
+    `shapes`: shapes beyond the nano three that the prompt may ask for (e.g. ["diamond"])."""
+    unknown = [name for name in shapes if name not in _NEW_SHAPE]
+    if unknown:
+        raise MotifVideoError(f"unknown shape {unknown[0]!r}; the evaluator can be taught: {', '.join(_NEW_SHAPE)}")
+    shape_table = {**_SHAPE, **{name: _NEW_SHAPE[name] for name in shapes}}
     color_table = _color_table(colors)
     t = " ".join(re.sub(r"[^a-z' ]+", " ", text.lower().replace("-", " ")).split())
     t = _UPSIDE.sub(" ", t)
@@ -120,7 +128,7 @@ def parse_prompt(text: str, colors: Iterable[str] = (), diagonals: bool = False)
     motion = _direction(_FROM.sub(" ", t), diagonals)
     if motion is None and re.search(rf"\b(?:{_STATIC})\b", t):
         motion = "static"
-    return PromptAttributes(color=single(color_table), shape=single(_SHAPE), motion=motion, size=single(_SIZE))
+    return PromptAttributes(color=single(color_table), shape=single(shape_table), motion=motion, size=single(_SIZE))
 
 
 def load_prompt_file(path) -> list[dict]:

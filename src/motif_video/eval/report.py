@@ -6,7 +6,7 @@ import json
 import os
 from collections import Counter, defaultdict
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Sequence
 
 import numpy as np
 
@@ -94,24 +94,27 @@ def shuffle_prompts(items: list[dict], seed: int) -> list[dict]:
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def evaluate_clip(frames: np.ndarray, prompt: str, palette: Palette = COLORS, diagonals: bool = False) -> dict:
-    expected = parse_prompt(prompt, palette, diagonals)
-    m = measure_clip(frames, palette, diagonals)
+def evaluate_clip(frames: np.ndarray, prompt: str, palette: Palette = COLORS, diagonals: bool = False,
+                  shapes: Sequence[str] = ()) -> dict:
+    expected = parse_prompt(prompt, palette, diagonals, shapes)
+    m = measure_clip(frames, palette, diagonals, shapes)
     return {"prompt": prompt, "expected": expected.to_dict(), "measured": m.to_dict(), **score_clip(m, expected)}
 
 
 def evaluate(items: list[dict], progress: Callable[[int], None] | None = None, palette: Palette = COLORS,
-             diagonals: bool = False) -> dict:
+             diagonals: bool = False, shapes: Sequence[str] = ()) -> dict:
     """Per-clip results and their aggregate. A clip that cannot be read counts as wrong on every attribute.
     `palette`: the colours prompts may ask for and clips are classified into (`metrics.evaluation_palette`);
-    `diagonals`: prompts may ask for diagonal motion and clips' motions are classified among eight directions."""
+    `diagonals`: prompts may ask for diagonal motion and clips' motions are classified among eight directions;
+    `shapes`: shapes beyond the nano three (`metrics.NEW_SHAPE_PROTOTYPES`) that prompts may ask for and clips
+    are classified into."""
     clips = []
     for item in items:
         try:
             frames = read_video(item["path"])
-            row = evaluate_clip(frames, item["prompt"], palette, diagonals)
+            row = evaluate_clip(frames, item["prompt"], palette, diagonals, shapes)
         except MotifVideoError as e:
-            expected = parse_prompt(item["prompt"], palette, diagonals)
+            expected = parse_prompt(item["prompt"], palette, diagonals, shapes)
             named = {"color_correct": expected.color, "shape_correct": expected.shape,
                      "direction_correct": expected.motion}
             row = {"prompt": item["prompt"], "expected": expected.to_dict(), "measured": None, "error": str(e),
@@ -128,6 +131,8 @@ def evaluate(items: list[dict], progress: Callable[[int], None] | None = None, p
         results["palette"] = {name: list(rgb) for name, rgb in palette.items()}
     if diagonals:
         results["diagonals"] = True
+    if shapes:
+        results["shapes"] = list(shapes)
     return results
 
 

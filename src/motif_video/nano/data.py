@@ -39,6 +39,10 @@ COLORS: dict[str, tuple[int, int, int]] = {
 # model a new one, docs/finetune.md) pass their own.
 Palette = Mapping[str, tuple[int, int, int]]
 SHAPES = ("circle", "square", "triangle")
+# A shape the nano model never sees in training: a new concept for fine-tuning (docs/finetune.md). A diamond fills
+# half its bounding box like the triangle, but touches none of the box's corners.
+NEW_SHAPES = ("diamond",)
+ALL_SHAPES = SHAPES + NEW_SHAPES
 MOTIONS = ("left", "right", "up", "down", "static")
 # Directions the nano model never sees in training: a new concept for fine-tuning (docs/finetune.md). Each motion's
 # direction is a unit step in image coordinates (x right, y down); "static" has none.
@@ -110,7 +114,7 @@ class Attributes:
 
     def __post_init__(self):
         # the colour is any palette's name (render checks it against the palette it draws with)
-        if not _COLOR_NAME.fullmatch(str(self.color)) or self.shape not in SHAPES or self.size not in SIZES:
+        if not _COLOR_NAME.fullmatch(str(self.color)) or self.shape not in ALL_SHAPES or self.size not in SIZES:
             raise MotifVideoError(f"unknown attributes {self}")
         if self.motion is not None and self.motion not in ALL_MOTIONS:
             raise MotifVideoError(f"unknown motion {self.motion!r}")
@@ -127,14 +131,15 @@ class Sample:
 
 
 @lru_cache(maxsize=None)
-def clip_combinations(colors: tuple[str, ...] = tuple(COLORS), motions: tuple[str, ...] = MOTIONS
-                      ) -> tuple[Attributes, ...]:
-    return tuple(Attributes(c, s, z, m) for c, s, m, z in product(colors, SHAPES, motions, SIZES))
+def clip_combinations(colors: tuple[str, ...] = tuple(COLORS), motions: tuple[str, ...] = MOTIONS,
+                      shapes: tuple[str, ...] = SHAPES, sizes: tuple[str, ...] = SIZES) -> tuple[Attributes, ...]:
+    return tuple(Attributes(c, s, z, m) for c, s, m, z in product(colors, shapes, motions, sizes))
 
 
 @lru_cache(maxsize=None)
-def image_combinations(colors: tuple[str, ...] = tuple(COLORS)) -> tuple[Attributes, ...]:
-    return tuple(Attributes(c, s, z, None) for c, s, z in product(colors, SHAPES, SIZES))
+def image_combinations(colors: tuple[str, ...] = tuple(COLORS), shapes: tuple[str, ...] = SHAPES,
+                       sizes: tuple[str, ...] = SIZES) -> tuple[Attributes, ...]:
+    return tuple(Attributes(c, s, z, None) for c, s, z in product(colors, shapes, sizes))
 
 
 def _rng(seed: int, kind: str, index: int) -> np.random.Generator:
@@ -142,10 +147,12 @@ def _rng(seed: int, kind: str, index: int) -> np.random.Generator:
 
 
 def balanced_attributes(kind: str, index: int, seed: int, colors: Sequence[str] = tuple(COLORS),
-                        motions: Sequence[str] = MOTIONS) -> Attributes:
+                        motions: Sequence[str] = MOTIONS, shapes: Sequence[str] = SHAPES,
+                        sizes: Sequence[str] = SIZES) -> Attributes:
     """Attributes of sample `index`: combinations are dealt in shuffled blocks, so any prefix is near balanced."""
-    colors = tuple(colors)
-    combos = image_combinations(colors) if kind == "image" else clip_combinations(colors, tuple(motions))
+    colors, shapes, sizes = tuple(colors), tuple(shapes), tuple(sizes)
+    combos = (image_combinations(colors, shapes, sizes) if kind == "image"
+              else clip_combinations(colors, tuple(motions), shapes, sizes))
     block, pos = divmod(index, len(combos))
     return combos[_block_order(seed, kind, block, len(combos))[pos]]
 
@@ -167,6 +174,8 @@ def _signed_distance(shape: str, dx: np.ndarray, dy: np.ndarray, h: float) -> np
         return np.sqrt(dx * dx + dy * dy) - h
     if shape == "square":
         return np.maximum(np.abs(dx), np.abs(dy)) - h
+    if shape == "diamond":  # corners at (+-h, 0) and (0, +-h): every edge at 45 degrees
+        return (np.abs(dx) + np.abs(dy) - h) * np.float32(1 / np.sqrt(2.0))
     # Upright triangle with apex (0, -h) and base corners (-h, h), (h, h): fills exactly half its bounding box.
     # Each term is the distance to one edge's line; inside, the largest of the three is the distance to the edge.
     inv = 1.0 / np.sqrt(5.0)
@@ -228,7 +237,7 @@ def render(attrs: Attributes, frames: int, size: int, rng: np.random.Generator, 
 TRAIN_WORDS = {
     "size": {"small": ["small", "little", "petite", "mini"], "large": ["large", "big", "giant", "enormous"]},
     "shape": {"circle": ["circle", "disc", "dot", "ball", "orb"], "square": ["square", "block", "box", "cube"],
-              "triangle": ["triangle", "wedge", "pyramid"]},
+              "triangle": ["triangle", "wedge", "pyramid"], "diamond": ["diamond", "rhombus", "lozenge"]},
     "motion": {
         "left": ["moving to the left", "moving left", "sliding to the left", "drifting left", "travelling left",
                  "moving from right to left", "shifting to the left", "moving west", "rolling left"],
@@ -252,7 +261,7 @@ TRAIN_WORDS = {
 HELDOUT_WORDS = {
     "size": {"small": ["tiny", "miniature"], "large": ["huge", "oversized"]},
     "shape": {"circle": ["circle", "round disk"], "square": ["square", "square tile"],
-              "triangle": ["triangle", "triangular shape"]},
+              "triangle": ["triangle", "triangular shape"], "diamond": ["diamond", "diamond shape"]},
     "motion": {
         "left": ["gliding leftward", "heading toward the left side", "going left"],
         "right": ["gliding rightward", "heading toward the right side", "going right"],
@@ -337,16 +346,18 @@ def heldout_caption(attrs: Attributes, rng: np.random.Generator) -> str:
 
 
 def make_clip(index: int, seed: int, frames: int = 17, size: int = 64, palette: Palette = COLORS,
-              motions: Sequence[str] = MOTIONS) -> Sample:
-    attrs = balanced_attributes("clip", index, seed, tuple(palette), motions)
+              motions: Sequence[str] = MOTIONS, shapes: Sequence[str] = SHAPES, sizes: Sequence[str] = SIZES
+              ) -> Sample:
+    attrs = balanced_attributes("clip", index, seed, tuple(palette), motions, shapes, sizes)
     rng = _rng(seed, "clip", index)
     sample = render(attrs, frames, size, rng, palette)
     sample.caption = train_caption(attrs, rng)
     return sample
 
 
-def make_image(index: int, seed: int, size: int = 64, palette: Palette = COLORS) -> Sample:
-    attrs = balanced_attributes("image", index, seed, tuple(palette))
+def make_image(index: int, seed: int, size: int = 64, palette: Palette = COLORS,
+               shapes: Sequence[str] = SHAPES, sizes: Sequence[str] = SIZES) -> Sample:
+    attrs = balanced_attributes("image", index, seed, tuple(palette), shapes=shapes, sizes=sizes)
     rng = _rng(seed, "image", index)
     sample = render(attrs, 1, size, rng, palette)
     sample.caption = train_caption(attrs, rng)
@@ -354,11 +365,12 @@ def make_image(index: int, seed: int, size: int = 64, palette: Palette = COLORS)
 
 
 def heldout_prompts(n: int, seed: int = 0, colors: Sequence[str] = tuple(COLORS),
-                    motions: Sequence[str] = MOTIONS) -> list[dict]:
+                    motions: Sequence[str] = MOTIONS, shapes: Sequence[str] = SHAPES,
+                    sizes: Sequence[str] = SIZES) -> list[dict]:
     """`n` evaluation prompts in the held-out wording with their attributes, balanced over clip combinations."""
     out = []
     for i in range(n):
-        attrs = balanced_attributes("prompt", i, seed, colors, motions)
+        attrs = balanced_attributes("prompt", i, seed, colors, motions, shapes, sizes)
         out.append({"prompt": heldout_caption(attrs, _rng(seed, "prompt", i)), "attributes": asdict(attrs)})
     return out
 
@@ -419,10 +431,12 @@ def write_dataset(
     progress=None,
     palette: Palette = COLORS,
     motions: Sequence[str] = MOTIONS,
+    shapes: Sequence[str] = SHAPES,
+    sizes: Sequence[str] = SIZES,
 ) -> dict:
     """Write `clip_NNNNN.mp4` / `image_NNNNN.png` with same-name `.txt` captions, `metadata.jsonl` (path, caption,
-    attributes) and, if asked, `heldout_prompts.jsonl`, drawing the colours of `palette` and the clip motions of
-    `motions`. Returns a summary dict."""
+    attributes) and, if asked, `heldout_prompts.jsonl`, drawing the colours of `palette`, the shapes of `shapes`
+    in the sizes of `sizes`, and the clip motions of `motions`. Returns a summary dict."""
     from ..pipeline.video_io import write_video
 
     if clips < 0 or images < 0 or clips + images == 0:
@@ -441,6 +455,16 @@ def write_dataset(
     if not motions or unknown:
         raise MotifVideoError(f"unknown motion {unknown[0]!r}; choose from {', '.join(ALL_MOTIONS)}" if unknown
                               else "no motions to draw")
+    shapes = tuple(dict.fromkeys(shapes))
+    unknown = [x for x in shapes if x not in ALL_SHAPES]
+    if not shapes or unknown:
+        raise MotifVideoError(f"unknown shape {unknown[0]!r}; choose from {', '.join(ALL_SHAPES)}" if unknown
+                              else "no shapes to draw")
+    sizes = tuple(dict.fromkeys(sizes))
+    unknown = [x for x in sizes if x not in SIZES]
+    if not sizes or unknown:
+        raise MotifVideoError(f"unknown object size {unknown[0]!r}; choose from {', '.join(SIZES)}" if unknown
+                              else "no object sizes to draw")
     _check_render_memory(frames, size)
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
@@ -455,7 +479,7 @@ def write_dataset(
 
     records = []
     for i in range(clips):
-        sample = make_clip(i, seed, frames, size, palette, motions)
+        sample = make_clip(i, seed, frames, size, palette, motions, shapes, sizes)
         name = f"clip_{i:05d}"
         write_video(sample.frames, out / f"{name}.mp4", fps=fps)
         atomic_write_text(out / f"{name}.txt", sample.caption + "\n")
@@ -463,7 +487,7 @@ def write_dataset(
         if progress:
             progress(1)
     for i in range(images):
-        sample = make_image(i, seed, size, palette)
+        sample = make_image(i, seed, size, palette, shapes, sizes)
         name = f"image_{i:05d}"
         write_video(sample.frames, out / f"{name}.png")
         atomic_write_text(out / f"{name}.txt", sample.caption + "\n")
@@ -472,8 +496,9 @@ def write_dataset(
             progress(1)
     atomic_write_text(out / "metadata.jsonl", "".join(json.dumps(r) + "\n" for r in records))
     if eval_prompts:
-        prompts = heldout_prompts(eval_prompts, seed, tuple(palette), motions)
+        prompts = heldout_prompts(eval_prompts, seed, tuple(palette), motions, shapes, sizes)
         atomic_write_text(out / "heldout_prompts.jsonl", "".join(json.dumps(p) + "\n" for p in prompts))
     return {"out_dir": str(out), "clips": clips, "images": images, "eval_prompts": eval_prompts,
-            "colors": list(palette), "motions": list(motions)}
+            "colors": list(palette), "motions": list(motions), "shapes": list(shapes),
+            "sizes": list(sizes)}
 
