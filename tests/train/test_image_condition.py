@@ -25,7 +25,8 @@ class Probe(torch.nn.Module):
 
     def forward(self, hidden_states, timestep, text, text_mask, image_embeds=None, *, route=None, teacher=None,
                 teacher_grid=None, student_grid=None):
-        self.seen = getattr(self, "seen", []) + [dict(hidden=hidden_states, timestep=timestep, images=image_embeds)]
+        self.seen = getattr(self, "seen", []) + [dict(hidden=hidden_states, timestep=timestep, images=image_embeds,
+                                                      text=text, text_mask=text_mask)]
         return torch.zeros_like(hidden_states[:, :16]), None
 
 
@@ -45,7 +46,7 @@ def test_conditioned_samples_get_the_first_frame_and_mask(batch):
     probe = Probe()
     obj(probe, batch, step=3, sample_ids=list(range(6)), device=torch.device("cpu"))
     hidden = probe.seen[0]["hidden"]
-    flags, _ = obj.image_conditions(batch["latents"], 3, list(range(6)))
+    flags, _, _ = obj.image_conditions(batch["latents"], 3, list(range(6)))
     assert 0 < sum(flags) < 6  # this seed mixes both kinds in one batch
     x0 = batch["latents"]
     for i, flag in enumerate(flags):
@@ -68,6 +69,34 @@ def test_the_fraction_conditioned_follows_the_probability(batch):
     assert abs(np.mean(flags) - 0.3) < 0.04  # 1200 draws: 3.5 standard errors
     images = batch["latents"][:, :, :1]  # a single latent frame is never conditioned on itself
     assert not any(objective(ImageConditionSection(probability=1.0)).image_conditions(images, 0, [0, 1])[0])
+
+
+def test_conditioned_samples_have_their_own_text_dropout(batch):
+    # text_dropout 1 on the condition: every conditioned clip is trained with the empty prompt, every other one
+    # with its caption (the objective's own dropout is 0 here); None leaves the objective's draw alone.
+    seen = {}
+    for name, section in (("own", ImageConditionSection(probability=0.5, text_dropout=1.0)),
+                          ("none", ImageConditionSection(probability=0.5))):
+        obj, probe = objective(section), Probe()
+        obj(probe, batch, step=3, sample_ids=list(range(6)), device=torch.device("cpu"))
+        seen[name] = probe.seen[0]
+        flags, _, drops = obj.image_conditions(batch["latents"], 3, list(range(6)))
+    assert drops == [None] * 6 and 0 < sum(flags) < 6
+    empty = objective().empty_text
+    for i, flag in enumerate(flags):
+        length = int(seen["own"]["text_mask"][i].sum())
+        own = seen["own"]["text"][i, :length]
+        if flag:
+            assert length == empty.shape[0] and torch.equal(own, empty.to(own))
+        else:
+            kept = int(batch["text_mask"][i].sum())
+            assert length == kept and torch.equal(own, batch["text"][i, :kept])
+        assert torch.equal(seen["none"]["text"][i, :int(batch["text_mask"][i].sum())],
+                           batch["text"][i, :int(batch["text_mask"][i].sum())])
+    # the noisy input and the condition do not move with the extra draw
+    assert torch.equal(seen["own"]["hidden"], seen["none"]["hidden"])
+    with pytest.raises(Exception, match="text_dropout must be in"):
+        ImageConditionSection(text_dropout=1.5).validate("objective.image_condition")
 
 
 def test_condition_noise_is_a_setting(batch):
@@ -98,7 +127,7 @@ def test_training_input_equals_the_pipelines_input_at_generation(tmp_path):
         handle.remove()
     first = pipe.codec.encode(pipe._image_tensor(tmp_path / "first.png", 32, 32))  # (1, 16, 1, 4, 4)
     clip = torch.cat([first, torch.randn(1, 16, 2, 4, 4)], dim=2)  # the rest of the clip does not enter at t = 1
-    flags, condition = objective(ImageConditionSection(probability=1.0)).image_conditions(clip, 0, [0])
+    flags, condition, _ = objective(ImageConditionSection(probability=1.0)).image_conditions(clip, 0, [0])
     hidden, _ = objective().model_inputs(clip, noise, torch.ones(1), image_to_video=flags, condition=condition)
     assert flags == [True]
     assert torch.equal(hidden, seen[0])
@@ -110,7 +139,7 @@ def test_image_tokens_reach_only_the_conditioned_samples(batch):
     obj = objective(ImageConditionSection(probability=0.5))
     probe = Probe()
     obj(probe, batch, step=3, sample_ids=list(range(6)), device=torch.device("cpu"))
-    flags, _ = obj.image_conditions(batch["latents"], 3, list(range(6)))
+    flags, _, _ = obj.image_conditions(batch["latents"], 3, list(range(6)))
     plain, conditioned = probe.seen
     assert plain["images"] is None and conditioned["images"].shape[0] == sum(flags)
     assert torch.equal(conditioned["images"], batch["image_tokens"][torch.tensor(flags)])

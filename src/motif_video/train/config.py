@@ -104,16 +104,23 @@ class ImageConditionSection:
     The release documents no augmentation of the condition (its pipelines and ComfyUI nodes encode the image
     clean), so none is on by default; `noise_probability` of the conditioned samples get Gaussian noise of
     standard deviation `noise_std` on the condition latent, which makes the model lean less on pixel-exact first
-    frames (an image that was not VAE-encoded from the same clip, a re-encoded JPEG)."""
+    frames (an image that was not VAE-encoded from the same clip, a re-encoded JPEG).
+
+    `text_dropout` (None: the objective's) is the fraction of conditioned samples trained with the empty prompt.
+    Captions name the object's colour and shape, so a conditioned clip can be denoised from its caption alone; the
+    clips trained without one are where the model must take the look from the image, which a prompt that names only
+    a direction (or nothing) asks for at generation."""
 
     probability: float = 0.5
     noise_probability: float = 0.0
     noise_std: float = 0.05
+    text_dropout: float | None = None
 
     def validate(self, key: str) -> None:
-        for name in ("probability", "noise_probability"):
-            if not 0.0 <= getattr(self, name) <= 1.0:
-                raise ConfigError(f"{key}.{name} must be in [0, 1], got {getattr(self, name)}")
+        for name in ("probability", "noise_probability", "text_dropout"):
+            value = getattr(self, name)
+            if value is not None and not 0.0 <= value <= 1.0:
+                raise ConfigError(f"{key}.{name} must be in [0, 1], got {value}")
         if self.noise_std < 0:
             raise ConfigError(f"{key}.noise_std must be >= 0, got {self.noise_std}")
 

@@ -140,8 +140,10 @@ class FlowMatchingObjective:
         rows = [model_input(x_t[i:i + 1], first[i:i + 1] if flag else None) for i, flag in enumerate(image_to_video)]
         return torch.cat(rows), 1000.0 * t
 
-    def image_conditions(self, x0: torch.Tensor, step, sample_ids: list[int]) -> tuple[list[bool], torch.Tensor]:
-        """Which samples are conditioned on their first frame, and the (augmented) condition latents (B, 16, 1, H, W).
+    def image_conditions(self, x0: torch.Tensor, step, sample_ids: list[int]
+                         ) -> tuple[list[bool], torch.Tensor, list[bool | None]]:
+        """Which samples are conditioned on their first frame, the (augmented) condition latents (B, 16, 1, H, W),
+        and per sample whether the condition's own text dropout drops its caption (None: the objective's draw holds).
 
         Each draw comes from its own (seed, step, sample, "image") stream, so switching image conditioning on or off
         leaves every sample's noise, timestep, dropout and route unchanged. Images (one latent frame) are never
@@ -150,8 +152,8 @@ class FlowMatchingObjective:
         c = self.config.image_condition
         first = x0[:, :, :1]
         if c is None or c.probability == 0 or x0.shape[2] == 1:
-            return [False] * x0.shape[0], first
-        flags, rows = [], []
+            return [False] * x0.shape[0], first, [None] * x0.shape[0]
+        flags, rows, drops = [], [], []
         for i, sid in enumerate(sample_ids):
             g = _generator(sample_seed(self.seed, step, sid, "image"), torch.device("cpu"))
             flags.append(bool(torch.rand((), generator=g) < c.probability))
@@ -159,7 +161,9 @@ class FlowMatchingObjective:
             if flags[-1] and c.noise_std > 0 and bool(torch.rand((), generator=g) < c.noise_probability):
                 row = row + c.noise_std * torch.randn(row.shape, generator=g).to(row.device)
             rows.append(row)
-        return flags, torch.stack(rows)
+            own = flags[-1] and c.text_dropout is not None
+            drops.append(bool(torch.rand((), generator=g) < c.text_dropout) if own else None)
+        return flags, torch.stack(rows), drops
 
     def _texts(self, batch: dict, drop: list[bool], device) -> tuple[torch.Tensor, torch.Tensor]:
         texts, masks = [], []
@@ -197,7 +201,8 @@ class FlowMatchingObjective:
                     kept.append(r)
         eps = torch.stack(eps)
         t = torch.stack(ts).to(device)
-        conditioned, condition = self.image_conditions(x0, step, sample_ids)
+        conditioned, condition, condition_drop = self.image_conditions(x0, step, sample_ids)
+        drop = [d if own is None else own for d, own in zip(drop, condition_drop)]
         hidden, timestep = self.model_inputs(x0, eps, t, image_to_video=conditioned, condition=condition)
         text, mask = self._texts(batch, drop, device)
         route = None
