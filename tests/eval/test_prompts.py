@@ -25,15 +25,17 @@ def _every_caption(words, templates, static_templates, image_templates, motions=
                 yield text, PromptAttributes(color, shape, None, size if "{size}" in tpl else None)
 
 
+WORDINGS = {
+    "train": (data.TRAIN_WORDS, data.TRAIN_TEMPLATES, data.TRAIN_STATIC_TEMPLATES, data.TRAIN_IMAGE_TEMPLATES),
+    "heldout": (data.HELDOUT_WORDS, data.HELDOUT_TEMPLATES, data.HELDOUT_STATIC_TEMPLATES,
+                data.HELDOUT_IMAGE_TEMPLATES),
+}
+
+
 @pytest.mark.parametrize("wording", ["train", "heldout"])
 def test_parses_every_caption_template_and_synonym(wording):
-    if wording == "train":
-        args = (data.TRAIN_WORDS, data.TRAIN_TEMPLATES, data.TRAIN_STATIC_TEMPLATES, data.TRAIN_IMAGE_TEMPLATES)
-    else:
-        args = (data.HELDOUT_WORDS, data.HELDOUT_TEMPLATES, data.HELDOUT_STATIC_TEMPLATES,
-                data.HELDOUT_IMAGE_TEMPLATES)
     n = 0
-    for text, want in _every_caption(*args):
+    for text, want in _every_caption(*WORDINGS[wording]):
         assert parse_prompt(text) == want, text
         n += 1
     assert n > 1000
@@ -42,13 +44,8 @@ def test_parses_every_caption_template_and_synonym(wording):
 @pytest.mark.parametrize("wording", ["train", "heldout"])
 def test_parses_every_caption_with_diagonals(wording):
     # With diagonals known, captions of all nine motions parse, and the old ones exactly as before.
-    if wording == "train":
-        args = (data.TRAIN_WORDS, data.TRAIN_TEMPLATES, data.TRAIN_STATIC_TEMPLATES, data.TRAIN_IMAGE_TEMPLATES)
-    else:
-        args = (data.HELDOUT_WORDS, data.HELDOUT_TEMPLATES, data.HELDOUT_STATIC_TEMPLATES,
-                data.HELDOUT_IMAGE_TEMPLATES)
     motions = set()
-    for text, want in _every_caption(*args, motions=data.ALL_MOTIONS):
+    for text, want in _every_caption(*WORDINGS[wording], motions=data.ALL_MOTIONS):
         assert parse_prompt(text, diagonals=True) == want, text
         motions.add(want.motion)
     assert motions >= set(data.DIAGONAL_MOTIONS)
