@@ -60,6 +60,7 @@ def test_parses_every_caption_with_diagonals(wording):
         ("a wedge drifting toward the lower left", "down-left", "left"),
         ("a dot sliding to the bottom-right corner", "down-right", "right"),
         ("a ball moving from the bottom left to the top right", "up-right", "right"),
+        ("a box moving to the upper left, then descending", "down-left", "down"),  # the last vertical counts
         ("a cube falling", "down", "down"),
         ("a square moving from left to right", "right", "right"),
         ("a static square", "static", "static"),

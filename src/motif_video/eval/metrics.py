@@ -264,8 +264,7 @@ def classify_motion(displacement, side: float, diagonals: bool = False) -> str:
     """The direction nearest the displacement's angle (image rows grow downward): among the four axes, or the
     eight axes and diagonals with `diagonals`; "static" below STATIC_FRACTION of the frame side."""
     dx, dy = displacement
-    norm = math.hypot(dx, dy)
-    if norm < STATIC_FRACTION * side:
+    if math.hypot(dx, dy) < STATIC_FRACTION * side:
         return "static"
     names = AXIS_MOTIONS + (DIAGONAL_MOTIONS if diagonals else ())
     # max keeps the first of a tie, so an exact 45 degrees between two axes goes to the horizontal one

@@ -99,7 +99,7 @@ def _direction(motion_text: str, diagonals: bool) -> str | None:
     if diagonals:
         # A vertical and a horizontal direction together ("up and to the right", "toward the top left corner")
         # name the diagonal between them; the last of each kind counts.
-        vertical = [n for _, n in directions + _find(_DIAGONAL_SIDE, motion_text) if n in ("up", "down")]
+        vertical = [n for _, n in sorted(directions + _find(_DIAGONAL_SIDE, motion_text)) if n in ("up", "down")]
         horizontal = [n for _, n in directions if n in ("left", "right")]
         if vertical and horizontal:
             return f"{vertical[-1]}-{horizontal[-1]}"

@@ -250,7 +250,8 @@ TRAIN_WORDS = {
                  "moving toward the bottom", "plummeting", "sliding down", "travelling downward"],
         "static": ["staying still", "not moving", "resting in place", "sitting still", "frozen in place",
                    "keeping still"],
-        **{f"{v}-{u}": [f"moving diagonally {v} and to the {u}", f"moving to the {'upper' if v == 'up' else 'lower'} {u}",
+        **{f"{v}-{u}": [f"moving diagonally {v} and to the {u}",
+                        f"moving to the {'upper' if v == 'up' else 'lower'} {u}",
                         f"drifting toward the {'top' if v == 'up' else 'bottom'} {u} corner",
                         f"moving {'north' if v == 'up' else 'south'}{'west' if u == 'left' else 'east'}",
                         f"sliding {v} and {u}", f"travelling diagonally {v} and {u}"]
@@ -418,6 +419,17 @@ def _check_render_memory(frames: int, size: int) -> None:
                               f"but only {have / 2**30:.1f} GiB of memory is available; lower --size or --frames")
 
 
+def _chosen(values: Sequence[str], known: Sequence[str], what: str, plural: str) -> tuple[str, ...]:
+    """`values` without repeats, each one of `known`, at least one."""
+    values = tuple(dict.fromkeys(values))
+    unknown = [v for v in values if v not in known]
+    if unknown:
+        raise MotifVideoError(f"unknown {what} {unknown[0]!r}; choose from {', '.join(known)}")
+    if not values:
+        raise MotifVideoError(f"no {plural} to draw")
+    return values
+
+
 def write_dataset(
     out_dir,
     clips: int,
@@ -450,21 +462,9 @@ def write_dataset(
         raise MotifVideoError(f"fps must be a positive number, got {fps}")
     if not palette:
         raise MotifVideoError("the palette holds no colours")
-    motions = tuple(dict.fromkeys(motions))
-    unknown = [m for m in motions if m not in ALL_MOTIONS]
-    if not motions or unknown:
-        raise MotifVideoError(f"unknown motion {unknown[0]!r}; choose from {', '.join(ALL_MOTIONS)}" if unknown
-                              else "no motions to draw")
-    shapes = tuple(dict.fromkeys(shapes))
-    unknown = [x for x in shapes if x not in ALL_SHAPES]
-    if not shapes or unknown:
-        raise MotifVideoError(f"unknown shape {unknown[0]!r}; choose from {', '.join(ALL_SHAPES)}" if unknown
-                              else "no shapes to draw")
-    sizes = tuple(dict.fromkeys(sizes))
-    unknown = [x for x in sizes if x not in SIZES]
-    if not sizes or unknown:
-        raise MotifVideoError(f"unknown object size {unknown[0]!r}; choose from {', '.join(SIZES)}" if unknown
-                              else "no object sizes to draw")
+    motions = _chosen(motions, ALL_MOTIONS, "motion", "motions")
+    shapes = _chosen(shapes, ALL_SHAPES, "shape", "shapes")
+    sizes = _chosen(sizes, SIZES, "object size", "object sizes")
     _check_render_memory(frames, size)
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
