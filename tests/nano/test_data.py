@@ -11,6 +11,7 @@ from motif_video.eval.prompts import parse_prompt
 from motif_video.nano import data
 from motif_video.nano.data import (
     BACKGROUND,
+    TRAIN_WORDS,
     Attributes,
     clip_combinations,
     heldout_caption,
@@ -219,7 +220,7 @@ def test_write_dataset_layout_and_determinism(tmp_path):
     for out in (a, b):
         write_dataset(out, clips=4, images=2, frames=9, size=32, seed=1, eval_prompts=5)
     names = sorted(p.name for p in a.iterdir())
-    assert names == sorted([f"clip_{i:05d}.{e}" for i in range(4) for e in ("mp4", "txt")]
+    assert names == sorted([f"clip_{i:05d}.{e}" for i in range(4) for e in ("mp4", "txt", "condition.txt")]
                            + [f"image_{i:05d}.{e}" for i in range(2) for e in ("png", "txt")]
                            + ["metadata.jsonl", "heldout_prompts.jsonl"])
     assert (a / "metadata.jsonl").read_text() == (b / "metadata.jsonl").read_text()
@@ -231,6 +232,11 @@ def test_write_dataset_layout_and_determinism(tmp_path):
         info = probe_video(a / row["path"])
         assert (info["frames"], info["height"], info["width"]) == (row["num_frames"], 32, 32)
         assert set(row["attributes"]) == {"color", "shape", "size", "motion"}
+        if row["num_frames"] > 1:  # the motion alone, in the training wording, as its .condition.txt
+            condition = row["condition_caption"]
+            assert (a / row["path"]).with_suffix(".condition.txt").read_text().strip() == condition
+            assert any(word in condition for word in TRAIN_WORDS["motion"][row["attributes"]["motion"]])
+            assert row["attributes"]["color"] not in condition and "condition_caption" not in rows[-1]
     assert rows[0]["num_frames"] == 9 and rows[-1]["num_frames"] == 1 and rows[-1]["attributes"]["motion"] is None
     # The stored pixels are the rendered ones (PNG exactly; H.264 closely).
     np.testing.assert_array_equal(read_video(a / "image_00001.png"), make_image(1, 1, 32).frames)
@@ -244,7 +250,8 @@ def test_write_dataset_refuses_and_overwrites(tmp_path):
     with pytest.raises(MotifVideoError, match="--overwrite"):
         write_dataset(out, clips=1, images=0, frames=5, size=16)
     write_dataset(out, clips=1, images=0, frames=5, size=16, overwrite=True)
-    assert sorted(p.name for p in out.iterdir()) == ["clip_00000.mp4", "clip_00000.txt", "metadata.jsonl"]
+    assert sorted(p.name for p in out.iterdir()) == ["clip_00000.condition.txt", "clip_00000.mp4", "clip_00000.txt",
+                                                     "metadata.jsonl"]
     for kwargs, msg in [({"frames": 1}, "at least 2 frames"), ({"size": 15}, "even"), ({"clips": 0}, "at least one")]:
         with pytest.raises(MotifVideoError, match=msg):
             write_dataset(tmp_path / "e", **{"clips": 1, "images": 0, **kwargs})

@@ -65,6 +65,10 @@ def assert_same_cache(a, b):
         assert (item["latents"] - other["latents"]).abs().max() <= 1e-6, record["source"]
         assert torch.equal(item["text_mask"], other["text_mask"])
         assert torch.allclose(item["text"], other["text"], atol=1e-5), record["source"]
+        assert record.get("condition_caption") == other_record.get("condition_caption")
+        if "condition_text" in item:
+            assert torch.allclose(item["condition_text"], other["condition_text"], atol=1e-5), record["source"]
+    assert any("condition_caption" in record for record, _ in ka.values())  # nano-data's clips carry one
     ea, eb = CachedLatentDataset(a).empty_prompt(), CachedLatentDataset(b).empty_prompt()
     assert torch.allclose(ea[0], eb[0], atol=1e-5)
 
@@ -193,8 +197,11 @@ def test_tar_shards_stream_over_http(corpus, tmp_path, capsys):
     (tmp_path / "shards").mkdir()
     with webdataset.ShardWriter(str(tmp_path / "shards" / "shard-%05d.tar"), maxcount=4) as sink:
         for media in sorted(p for p in corpus["data"].iterdir() if p.suffix != ".txt"):
+            condition = media.with_suffix(".condition.txt")  # here as the JSON field (make_shards: a member)
+            meta = {"source": "procedural", **({"condition_caption": condition.read_text()}
+                                                if condition.is_file() else {})}
             sink.write({"__key__": media.stem, media.suffix[1:]: media.read_bytes(),
-                        "txt": media.with_suffix(".txt").read_text(), "json": {"source": "procedural"}})
+                        "txt": media.with_suffix(".txt").read_text(), "json": meta})
     assert len(list((tmp_path / "shards").glob("*.tar"))) == 2
     class Quiet(SimpleHTTPRequestHandler):
         def log_message(self, *args):
@@ -217,7 +224,7 @@ def test_tar_frames_sample_equals_its_frame_folder(corpus, tmp_path):
     """A sample stored as numbered PNG frames caches like the same frames as a frame folder listed in metadata."""
     data = tmp_path / "data"
     data.mkdir()
-    for name in ("clip_00002.mp4", "clip_00002.txt"):
+    for name in ("clip_00002.mp4", "clip_00002.txt", "clip_00002.condition.txt"):
         (data / name).write_bytes((corpus["data"] / name).read_bytes())
     make_shards(data, tmp_path / "shards", per_shard=10, frames_of="clip_00002")
     folder = tmp_path / "frames" / "clip_00002"
@@ -225,7 +232,9 @@ def test_tar_frames_sample_equals_its_frame_folder(corpus, tmp_path):
     for i, frame in enumerate(read_video(data / "clip_00002.mp4")):
         Image.fromarray(frame).save(folder / f"{i:04d}.png")
     caption = (data / "clip_00002.txt").read_text().strip()
-    (tmp_path / "frames" / "meta.jsonl").write_text(json.dumps({"path": "clip_00002", "caption": caption}) + "\n")
+    condition = (data / "clip_00002.condition.txt").read_text()
+    (tmp_path / "frames" / "meta.jsonl").write_text(
+        json.dumps({"path": "clip_00002", "caption": caption, "condition_caption": condition}) + "\n")
     model = str(corpus["model"])
     assert cli_main(["cache", str(tmp_path / "shards" / "shard-00000.tar"), str(tmp_path / "a"), "--model", model,
                      *BUCKETS, "--quiet"]) == 0
@@ -268,7 +277,7 @@ def test_a_killed_cache_resumes(corpus, tmp_path):
     with tarfile.open(shard) as tar:
         members = [(m.name, tar.extractfile(m).read()) for m in tar.getmembers()]
     first_two = [m for m in members if m[0].removeprefix("./").partition(".")[0] in ("clip_00000", "clip_00001")]
-    assert len(first_two) == 4
+    assert len(first_two) == 6  # media, caption, condition caption
     head = b""
     for name, data in first_two + [("./filler.bin", bytes(1 << 16))]:  # no end-of-archive blocks
         info = tarfile.TarInfo(name)

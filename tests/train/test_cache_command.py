@@ -27,6 +27,17 @@ def test_cache_encodes_clips_and_images_like_the_pipeline(tmp_path):
     assert mask is None
     assert torch.allclose(item["text"], states[0], atol=1e-5)
 
+    # clips (not images) also carry their condition caption (nano-data writes the motion alone) and its states
+    for i, (_, record) in enumerate(dataset.records):
+        item = dataset[i]
+        if item["latents"].shape[1] == 1:
+            assert "condition_caption" not in record and "condition_text" not in item
+            continue
+        written = (tmp_path / "data" / record["source"]).with_suffix(".condition.txt").read_text().strip()
+        assert record["condition_caption"] == written and written not in record["caption"].split(", ")
+        states, _ = pipe.prompts.encode([written])
+        assert torch.allclose(item["condition_text"], states[0], atol=1e-5)
+
 
 def test_cache_rejects_a_folder_without_model(tmp_path, capsys):
     (tmp_path / "data").mkdir()

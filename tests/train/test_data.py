@@ -144,12 +144,14 @@ def test_csv_and_jsonl_metadata(folder, tmp_path):
     rows = [
         {"path": str(folder / "square.mp4"), "caption": "abs path", "fps": 30, "num_frames": 12, "height": 32,
          "width": 32},
-        {"path": "sub/wide.mp4", "caption": "wide"},
+        {"path": "sub/wide.mp4", "caption": "wide", "condition_caption": " moving left "},
         {"path": "still.png", "caption": "an image", "num_frames": 9, "height": 40, "width": 40},
     ]
     (meta_dir / "meta.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n\n")
     clips = read_metadata(meta_dir / "meta.jsonl")
     assert clips[0].num_frames == 12 and clips[0].is_probed and not clips[1].is_probed
+    assert [c.condition_caption for c in clips] == [None, "moving left", None]
+    assert [c.condition_caption for c in ds_csv.clips] == [None] * 3
     ds_jsonl = ClipDataset.from_metadata(meta_dir / "meta.jsonl", BUCKETS, fps=15)
     assert [str(ds_jsonl.buckets[b]) for b in ds_jsonl.bucket_of] == ["5x32x32", "9x32x48", "1x32x32"]
     assert ds_jsonl.clips[1].fps == 24 and ds_jsonl.clips[1].num_frames == 24  # probed

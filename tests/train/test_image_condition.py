@@ -46,7 +46,7 @@ def test_conditioned_samples_get_the_first_frame_and_mask(batch):
     probe = Probe()
     obj(probe, batch, step=3, sample_ids=list(range(6)), device=torch.device("cpu"))
     hidden = probe.seen[0]["hidden"]
-    flags, _, _ = obj.image_conditions(batch["latents"], 3, list(range(6)))
+    flags, *_ = obj.image_conditions(batch["latents"], 3, list(range(6)))
     assert 0 < sum(flags) < 6  # this seed mixes both kinds in one batch
     x0 = batch["latents"]
     for i, flag in enumerate(flags):
@@ -80,7 +80,7 @@ def test_conditioned_samples_have_their_own_text_dropout(batch):
         obj, probe = objective(section), Probe()
         obj(probe, batch, step=3, sample_ids=list(range(6)), device=torch.device("cpu"))
         seen[name] = probe.seen[0]
-        flags, _, drops = obj.image_conditions(batch["latents"], 3, list(range(6)))
+        flags, _, drops, _ = obj.image_conditions(batch["latents"], 3, list(range(6)))
     assert drops == [None] * 6 and 0 < sum(flags) < 6
     empty = objective().empty_text
     for i, flag in enumerate(flags):
@@ -97,6 +97,48 @@ def test_conditioned_samples_have_their_own_text_dropout(batch):
     assert torch.equal(seen["own"]["hidden"], seen["none"]["hidden"])
     with pytest.raises(Exception, match="text_dropout must be in"):
         ImageConditionSection(text_dropout=1.5).validate("objective.image_condition")
+
+
+def test_conditioned_samples_train_with_their_condition_caption(tmp_path):
+    """condition_caption 1: every conditioned clip that has a condition caption reads its states, every other clip
+    (and a conditioned one without) its caption; no earlier draw moves."""
+    from motif_video.train.cached import CachedSample, write_cached_samples
+    from tests.train.engine_helpers import make_samples
+
+    samples = make_samples(n_images=0, n_videos=6)
+    for i, sample in enumerate(samples[:5]):  # the sixth has none
+        sample.condition_text = torch.full((i + 1, TEXT_DIM), float(i))
+        sample.condition_caption = f"moving left {i}"
+    cache = write_cached_samples(tmp_path / "cache", samples, empty_prompt=(torch.zeros(2, TEXT_DIM), torch.ones(2)))
+    dataset = CachedLatentDataset(cache)
+    assert [r.get("condition_caption") for _, r in dataset.records] == [f"moving left {i}" for i in range(5)] + [None]
+    batch = collate([dataset[i] for i in range(6)])
+    section = dict(probability=1.0)
+    seen = {}
+    for name, share in (("swap", 1.0), ("keep", 0.0)):
+        obj, probe = objective(ImageConditionSection(**section, condition_caption=share)), Probe()
+        obj(probe, batch, step=3, sample_ids=list(range(6)), device=torch.device("cpu"))
+        seen[name] = probe.seen[0]
+        flags, _, _, swaps = obj.image_conditions(batch["latents"], 3, list(range(6)))
+        assert flags == [True] * 6 and swaps == [share == 1.0] * 6
+    for i in range(6):
+        length = int(seen["swap"]["text_mask"][i].sum())
+        kept = int(batch["text_mask"][i].sum())
+        expected = batch["condition_texts"][i] if i < 5 else batch["text"][i, :kept]
+        assert length == expected.shape[0] and torch.equal(seen["swap"]["text"][i, :length], expected)
+        assert torch.equal(seen["keep"]["text"][i, :kept], batch["text"][i, :kept])
+    assert torch.equal(seen["swap"]["hidden"], seen["keep"]["hidden"])
+    # half of the conditioned clips, from the draw after every other one
+    obj = objective(ImageConditionSection(probability=0.5, condition_caption=0.5))
+    draws = [obj.image_conditions(batch["latents"], step, list(range(6))) for step in range(200)]
+    swapped = [s for flags, _, _, swaps in draws for f, s in zip(flags, swaps) if f]
+    assert abs(np.mean(swapped) - 0.5) < 0.06
+    assert not any(s for flags, _, _, swaps in draws for f, s in zip(flags, swaps) if not f)
+    plain = objective(ImageConditionSection(probability=0.5))
+    assert all(torch.equal(a[1], b[1]) and a[0] == b[0] and a[2] == b[2]
+               for a, b in zip(draws, (plain.image_conditions(batch["latents"], s, list(range(6))) for s in range(200))))
+    with pytest.raises(Exception, match="condition_caption must be in"):
+        ImageConditionSection(condition_caption=-0.1).validate("objective.image_condition")
 
 
 def test_condition_noise_is_a_setting(batch):
@@ -127,7 +169,7 @@ def test_training_input_equals_the_pipelines_input_at_generation(tmp_path):
         handle.remove()
     first = pipe.codec.encode(pipe._image_tensor(tmp_path / "first.png", 32, 32))  # (1, 16, 1, 4, 4)
     clip = torch.cat([first, torch.randn(1, 16, 2, 4, 4)], dim=2)  # the rest of the clip does not enter at t = 1
-    flags, condition, _ = objective(ImageConditionSection(probability=1.0)).image_conditions(clip, 0, [0])
+    flags, condition, *_ = objective(ImageConditionSection(probability=1.0)).image_conditions(clip, 0, [0])
     hidden, _ = objective().model_inputs(clip, noise, torch.ones(1), image_to_video=flags, condition=condition)
     assert flags == [True]
     assert torch.equal(hidden, seen[0])
@@ -139,7 +181,7 @@ def test_image_tokens_reach_only_the_conditioned_samples(batch):
     obj = objective(ImageConditionSection(probability=0.5))
     probe = Probe()
     obj(probe, batch, step=3, sample_ids=list(range(6)), device=torch.device("cpu"))
-    flags, _, _ = obj.image_conditions(batch["latents"], 3, list(range(6)))
+    flags, *_ = obj.image_conditions(batch["latents"], 3, list(range(6)))
     plain, conditioned = probe.seen
     assert plain["images"] is None and conditioned["images"].shape[0] == sum(flags)
     assert torch.equal(conditioned["images"], batch["image_tokens"][torch.tensor(flags)])

@@ -66,7 +66,7 @@ TRAVEL = (0.30, 0.50)
 MARGIN_PX = 2.0  # clear of the border (anti-aliasing reaches ~1 px past an acute vertex), so never cut off
 COLOR_JITTER = 10  # per-channel, per-clip: colours vary a little but never toward a neighbouring colour
 
-_KIND_ID = {"clip": 0, "image": 1, "prompt": 2}
+_KIND_ID = {"clip": 0, "image": 1, "prompt": 2, "condition": 3}
 
 
 _COLOR_NAME = re.compile(r"[a-z]+")
@@ -128,6 +128,7 @@ class Sample:
     centers: np.ndarray  # (T, 2) object centre (x, y) in pixels, pixel centres at i + 0.5
     half_extent: float  # pixels
     color_rgb: tuple[int, int, int]
+    condition_caption: str = ""  # clips: the motion alone, the prompt that goes with the first frame as the image
 
 
 @lru_cache(maxsize=None)
@@ -303,6 +304,8 @@ HELDOUT_TEMPLATES = [
     "one {size} {shape}, colored {color}, {motion}",
     "{motion}, a {size} {color} {shape}",
 ]
+# A clip's condition caption names only what its first frame does not show: the motion (training wording).
+TRAIN_CONDITION_TEMPLATES = ["{motion}", "the object is {motion}", "the shape is {motion}", "it is {motion}"]
 HELDOUT_STATIC_TEMPLATES = ["an {adjective} {color} {shape} of {size} size", "a {color} {shape}, {adjective}"]
 HELDOUT_IMAGE_TEMPLATES = ["a photo showing one {size} {color} {shape}", "{color} {shape}, {size}"]
 
@@ -336,6 +339,11 @@ def train_caption(attrs: Attributes, rng: np.random.Generator) -> str:
     return _caption(attrs, rng, TRAIN_WORDS, TRAIN_TEMPLATES, TRAIN_STATIC_TEMPLATES, TRAIN_IMAGE_TEMPLATES)
 
 
+def condition_caption(attrs: Attributes, rng: np.random.Generator) -> str:
+    """A clip's motion alone in the training wording, e.g. 'the object is drifting left'."""
+    return _choose(rng, TRAIN_CONDITION_TEMPLATES).format(motion=_choose(rng, TRAIN_WORDS["motion"][attrs.motion]))
+
+
 def heldout_caption(attrs: Attributes, rng: np.random.Generator) -> str:
     """A caption in the evaluation-only wording, e.g. 'one huge triangle, colored cyan, ascending'."""
     return _caption(attrs, rng, HELDOUT_WORDS, HELDOUT_TEMPLATES, HELDOUT_STATIC_TEMPLATES, HELDOUT_IMAGE_TEMPLATES)
@@ -353,6 +361,7 @@ def make_clip(index: int, seed: int, frames: int = 17, size: int = 64, palette: 
     rng = _rng(seed, "clip", index)
     sample = render(attrs, frames, size, rng, palette)
     sample.caption = train_caption(attrs, rng)
+    sample.condition_caption = condition_caption(attrs, _rng(seed, "condition", index))  # its own stream
     return sample
 
 
@@ -387,6 +396,7 @@ def _record(path: str, sample: Sample, fps: float) -> dict:
     return {
         "path": path,
         "caption": sample.caption,
+        **({"condition_caption": sample.condition_caption} if sample.condition_caption else {}),
         "attributes": asdict(sample.attributes),
         "num_frames": int(t),
         "height": int(s),
@@ -399,7 +409,7 @@ def _record(path: str, sample: Sample, fps: float) -> dict:
     }
 
 
-_OWN_FILES = re.compile(r"^(clip|image)_\d+\.(mp4|png|txt)$")
+_OWN_FILES = re.compile(r"^(clip|image)_\d+\.(mp4|png|txt|condition\.txt)$")
 
 
 # The procedural data is for small models; beyond this a frame alone is hundreds of MB and H.264 levels run out.
@@ -450,6 +460,7 @@ def write_dataset(
     attributes) and, if asked, `heldout_prompts.jsonl`, drawing the colours of `palette`, the shapes of `shapes`
     in the sizes of `sizes`, and the clip motions of `motions`. Returns a summary dict."""
     from ..pipeline.video_io import write_video
+    from ..train.data import CONDITION_CAPTION_SUFFIX
 
     if clips < 0 or images < 0 or clips + images == 0:
         raise MotifVideoError("ask for at least one clip or image (--clips / --images)")
@@ -483,6 +494,7 @@ def write_dataset(
         name = f"clip_{i:05d}"
         write_video(sample.frames, out / f"{name}.mp4", fps=fps)
         atomic_write_text(out / f"{name}.txt", sample.caption + "\n")
+        atomic_write_text(out / f"{name}{CONDITION_CAPTION_SUFFIX}", sample.condition_caption + "\n")
         records.append(_record(f"{name}.mp4", sample, fps))
         if progress:
             progress(1)

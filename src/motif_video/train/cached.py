@@ -9,7 +9,10 @@ Training at scale never runs the VAE or the text encoder: `motif-video cache` en
                                         optional `<key>.teacher` (N_t, D_t) frozen REPA teacher features,
                                         optional `<key>.image_tokens` (N_i, D_i) SigLIP tokens of the clip's
                                         first frame (image-to-video training; written when the text encoder
-                                        has a vision tower; caches without them read as before)
+                                        has a vision tower; caches without them read as before),
+                                        optional `<key>.condition_text` (L_c, D) states of the clip's condition
+                                        caption (what image-to-video training pairs with its first frame; the
+                                        record then holds `condition_caption`)
     <folder>/empty_prompt.safetensors   optional `text` (L, D) + `text_mask` (L,) of the empty prompt (CFG dropout)
 
 Images are 1-frame clips (T' = 1). Each record carries its pixel bucket key "FRAMESxHEIGHTxWIDTH" (as
@@ -57,6 +60,8 @@ class CachedSample:
     teacher_grid: tuple[int, int, int] | None = None  # the teacher tokens' (t, h, w) layout
     source: str | None = None  # the clip's identity (its path in the dataset); None: a running-counter key
     image_tokens: torch.Tensor | None = None  # (N_i, D_i) vision-tower tokens of the first frame (I2V)
+    condition_text: torch.Tensor | None = None  # (L_c, D) states of the condition caption (I2V), real tokens only
+    condition_caption: str | None = None
 
 
 def default_bucket(latent_shape) -> str:
@@ -213,6 +218,12 @@ class CachedLatentWriter:
             self._check_dim("image_dim", sample.image_tokens.shape[1])
             tensors[f"{key}.image_tokens"] = sample.image_tokens
             record["image_tokens"] = int(sample.image_tokens.shape[0])
+        if sample.condition_text is not None:
+            if sample.condition_text.dim() != 2 or sample.condition_text.shape[1] != text.shape[1]:
+                raise ConfigError(f"condition text states must be (L, {text.shape[1]}), got "
+                                  f"{tuple(sample.condition_text.shape)}")
+            tensors[f"{key}.condition_text"] = sample.condition_text
+            record["condition_caption"] = sample.condition_caption or ""
         for name, t in tensors.items():
             t = t.detach().cpu().contiguous()
             self._pending[name] = t
@@ -472,6 +483,8 @@ class CachedLatentDataset(ShardedSamples):
             item["teacher_grid"] = tuple(record["teacher_grid"])
         if record.get("image_tokens"):
             item["image_tokens"] = shard.get_tensor(f"{key}.image_tokens").float()
+        if "condition_caption" in record:
+            item["condition_text"] = shard.get_tensor(f"{key}.condition_text").float()
         return item
 
     def empty_prompt(self) -> tuple[torch.Tensor, torch.Tensor] | None:
@@ -500,4 +513,6 @@ def collate(items: list[dict]) -> dict:
         batch["teacher_grid"] = items[0]["teacher_grid"]
     if all("image_tokens" in it for it in items):  # (a batch mixing caches with and without: latent + mask only)
         batch["image_tokens"] = torch.stack([it["image_tokens"] for it in items])  # (B, N_i, D_i)
+    if any("condition_text" in it for it in items):  # per sample (L_c, D) or None: lengths differ, few are used
+        batch["condition_texts"] = [it.get("condition_text") for it in items]
     return batch

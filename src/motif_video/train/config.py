@@ -109,15 +109,22 @@ class ImageConditionSection:
     `text_dropout` (None: the objective's) is the fraction of conditioned samples trained with the empty prompt.
     Captions name the object's colour and shape, so a conditioned clip can be denoised from its caption alone; the
     clips trained without one are where the model must take the look from the image, which a prompt that names only
-    a direction (or nothing) asks for at generation."""
+    a direction (or nothing) asks for at generation.
+
+    `condition_caption` is the fraction of conditioned samples that, where the cache holds one, train with their
+    clip's condition caption (`NAME.condition.txt` or a `condition_caption` column: what the first frame does not
+    show, e.g. "moving to the left") in place of the caption. A prompt that names only the motion is what users of
+    image-to-video write; a model that only saw full captions reads such a prompt as a description of some
+    default object and overrides the image (measured on nano: docs/nano.md)."""
 
     probability: float = 0.5
     noise_probability: float = 0.0
     noise_std: float = 0.05
     text_dropout: float | None = None
+    condition_caption: float = 0.0
 
     def validate(self, key: str) -> None:
-        for name in ("probability", "noise_probability", "text_dropout"):
+        for name in ("probability", "noise_probability", "text_dropout", "condition_caption"):
             value = getattr(self, name)
             if value is not None and not 0.0 <= value <= 1.0:
                 raise ConfigError(f"{key}.{name} must be in [0, 1], got {value}")

@@ -1,7 +1,9 @@
 """Training clips: where they come from, how they are decoded, and how one becomes a bucket-shaped tensor.
 
 Sources: a folder (every clip or image next to a same-name `.txt` caption) or a CSV / JSONL metadata file (columns
-`path`, `caption`, optional `fps`, `num_frames`, `height`, `width`; paths relative to the metadata file). Images
+`path`, `caption`, optional `fps`, `num_frames`, `height`, `width`; paths relative to the metadata file). A clip may
+also carry a condition caption (a `NAME.condition.txt` file, or a `condition_caption` column): what the clip's
+first frame does not show, usually its motion, the prompt image-to-video training pairs with that frame. Images
 are 1-frame clips. Metadata that already carries the frame count, size and fps lets a dataset of millions of clips
 be bucketed without opening a single file. WebDataset tar shards, local or by URL, are read by `train.shards`.
 
@@ -45,6 +47,8 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
+# A clip's condition caption in a dataset folder: `clip.mp4` -> `clip.condition.txt`.
+CONDITION_CAPTION_SUFFIX = ".condition.txt"
 # How many other clips of the same bucket a failed decode may fall back to before the batch is given up.
 MAX_SUBSTITUTES = 8
 
@@ -62,6 +66,8 @@ class Clip:
     # Its identity within the dataset (the path relative to the folder, metadata file or tar shard set): what a
     # cached sample is keyed by, so the same clip gets the same key however it was reached.
     source: str | None = None
+    # The prompt for when the clip's first frame is given as the image (e.g. only its motion); None: none.
+    condition_caption: str | None = None
 
     @property
     def is_image(self) -> bool:
@@ -92,7 +98,9 @@ def scan_folder(root) -> list[Clip]:
         caption = caption_file.read_text(encoding="utf-8").strip()
         if not caption:
             raise MotifVideoError(f"caption file {caption_file} for {path} is empty")
-        clips.append(Clip(path, caption, source=path.relative_to(root).as_posix()))
+        condition_file = path.with_suffix(CONDITION_CAPTION_SUFFIX)
+        condition = condition_file.read_text(encoding="utf-8").strip() if condition_file.is_file() else None
+        clips.append(Clip(path, caption, source=path.relative_to(root).as_posix(), condition_caption=condition or None))
     if not clips:
         raise MotifVideoError(f"no clips or images found under {root} (extensions: {', '.join(MEDIA_EXTENSIONS)})")
     return clips
@@ -136,7 +144,9 @@ def _clip_from_row(meta: Path, line: int, row: dict) -> Clip:
     caption = row.get("caption")
     if caption is None or str(caption).strip() == "":
         raise MotifVideoError(f"{meta}:{line}: clip {clip_path} has no caption")
-    return Clip(clip_path, str(caption).strip(), source=source, **clip_numbers(row, f"{meta}:{line}"))
+    condition = str(row.get("condition_caption") or "").strip() or None
+    return Clip(clip_path, str(caption).strip(), source=source, condition_caption=condition,
+                **clip_numbers(row, f"{meta}:{line}"))
 
 
 def clip_numbers(row: dict, where: str) -> dict:

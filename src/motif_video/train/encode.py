@@ -231,6 +231,13 @@ def _encode(ranks: _Ranks, data, output, model, buckets, fps, teacher, batch_siz
             lock.close()
 
 
+def _encode_texts(prompts: PromptEncoder, captions: list[str]) -> list[torch.Tensor]:
+    """Each caption's encoder states (L_i, D), real tokens only."""
+    states, mask = prompts.encode(captions)
+    lengths = [text_length(m) for m in mask] if mask is not None else [states.shape[1]] * len(captions)
+    return [states[j, : int(n)].float().cpu() for j, n in enumerate(lengths)]
+
+
 def _encode_clips(ranks, source, writer: CachedLatentWriter, summary: CacheSummary, folder: ModelFolder,
                   buckets: BucketSet, fps, teacher, batch_size, device, progress) -> None:
     if device is None and ranks.world > 1 and torch.cuda.is_available():
@@ -265,8 +272,11 @@ def _encode_clips(ranks, source, writer: CachedLatentWriter, summary: CacheSumma
             return
         pixels = torch.stack([p for _, p in loaded]).to(device)  # (B, 3, T, H, W)
         latents = codec.encode(pixels).cpu()
-        states, mask = prompts.encode([clip.caption for clip, _ in loaded])
-        lengths = [text_length(m) for m in mask] if mask is not None else [states.shape[1]] * len(loaded)
+        texts = _encode_texts(prompts, [clip.caption for clip, _ in loaded])
+        # Clips with a condition caption also store its states: image-to-video training pairs it with frame 0.
+        with_condition = [j for j, (clip, _) in enumerate(loaded) if clip.condition_caption]
+        condition_texts = dict(zip(with_condition, _encode_texts(
+            prompts, [loaded[j][0].condition_caption for j in with_condition]))) if with_condition else {}
         features = grid = None
         if teacher_model is not None:
             features, grid = teacher_model.encode(pixels)
@@ -276,7 +286,8 @@ def _encode_clips(ranks, source, writer: CachedLatentWriter, summary: CacheSumma
             if pixels.shape[2] > 1 else None
         for j, (clip, _) in enumerate(loaded):
             added = writer.add(CachedSample(
-                latents=latents[j], text=states[j, : int(lengths[j])].float().cpu(), caption=clip.caption,
+                latents=latents[j], text=texts[j], caption=clip.caption,
+                condition_text=condition_texts.get(j), condition_caption=clip.condition_caption,
                 bucket=str(bucket), source=clip.source,
                 teacher=features[j].float().cpu() if features is not None else None,
                 teacher_grid=tuple(grid) if grid is not None else None,

@@ -141,9 +141,10 @@ class FlowMatchingObjective:
         return torch.cat(rows), 1000.0 * t
 
     def image_conditions(self, x0: torch.Tensor, step, sample_ids: list[int]
-                         ) -> tuple[list[bool], torch.Tensor, list[bool | None]]:
+                         ) -> tuple[list[bool], torch.Tensor, list[bool | None], list[bool]]:
         """Which samples are conditioned on their first frame, the (augmented) condition latents (B, 16, 1, H, W),
-        and per sample whether the condition's own text dropout drops its caption (None: the objective's draw holds).
+        per sample whether the condition's own text dropout drops its caption (None: the objective's draw holds),
+        and whether a kept caption is replaced by the clip's condition caption (where the batch has one).
 
         Each draw comes from its own (seed, step, sample, "image") stream, so switching image conditioning on or off
         leaves every sample's noise, timestep, dropout and route unchanged. Images (one latent frame) are never
@@ -152,8 +153,8 @@ class FlowMatchingObjective:
         c = self.config.image_condition
         first = x0[:, :, :1]
         if c is None or c.probability == 0 or x0.shape[2] == 1:
-            return [False] * x0.shape[0], first, [None] * x0.shape[0]
-        flags, rows, drops = [], [], []
+            return [False] * x0.shape[0], first, [None] * x0.shape[0], [False] * x0.shape[0]
+        flags, rows, drops, swaps = [], [], [], []
         for i, sid in enumerate(sample_ids):
             g = _generator(sample_seed(self.seed, step, sid, "image"), torch.device("cpu"))
             flags.append(bool(torch.rand((), generator=g) < c.probability))
@@ -163,14 +164,24 @@ class FlowMatchingObjective:
             rows.append(row)
             own = flags[-1] and c.text_dropout is not None
             drops.append(bool(torch.rand((), generator=g) < c.text_dropout) if own else None)
-        return flags, torch.stack(rows), drops
+            # Drawn last, so a config without condition captions keeps every earlier draw of the stream.
+            swaps.append(flags[-1] and c.condition_caption > 0
+                         and bool(torch.rand((), generator=g) < c.condition_caption))
+        return flags, torch.stack(rows), drops, swaps
 
-    def _texts(self, batch: dict, drop: list[bool], device) -> tuple[torch.Tensor, torch.Tensor]:
+    def _texts(self, batch: dict, drop: list[bool], device, swap: list[bool] | None = None
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each sample's text states: the empty prompt where dropped, its condition caption where swapped and the
+        cache holds one, else its caption; padded to (B, L, D) with the keep-mask (B, L)."""
+        conditions = batch.get("condition_texts") or [None] * len(drop)
         texts, masks = [], []
         for i, dropped in enumerate(drop):
             if dropped:
                 texts.append(self.empty_text)
                 masks.append(self.empty_mask)
+            elif swap is not None and swap[i] and conditions[i] is not None:
+                texts.append(conditions[i].to(batch["text"].device))
+                masks.append(None)
             else:
                 keep = batch["text_mask"][i]
                 length = text_length(keep)
@@ -201,10 +212,10 @@ class FlowMatchingObjective:
                     kept.append(r)
         eps = torch.stack(eps)
         t = torch.stack(ts).to(device)
-        conditioned, condition, condition_drop = self.image_conditions(x0, step, sample_ids)
+        conditioned, condition, condition_drop, swap = self.image_conditions(x0, step, sample_ids)
         drop = [d if own is None else own for d, own in zip(drop, condition_drop)]
         hidden, timestep = self.model_inputs(x0, eps, t, image_to_video=conditioned, condition=condition)
-        text, mask = self._texts(batch, drop, device)
+        text, mask = self._texts(batch, drop, device, swap)
         route = None
         if kept:
             route = TokenRoute(kept[0].start_layer, kept[0].end_layer, torch.cat([r.kept for r in kept]).to(device))

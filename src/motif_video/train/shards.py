@@ -8,6 +8,7 @@ shard holds samples as consecutive members that share a key, the member name up 
                      `city/tram.0001.png`, ... (PNG or JPEG, numbered in order)
     city/tram.txt    its caption (or a "caption" field in the JSON)
     city/tram.json   optional metadata: fps, num_frames, height, width (as the CSV/JSONL columns)
+    city/tram.condition.txt   optional condition caption (or a "condition_caption" field in the JSON)
 
 A clip's identity is its member name (`city/tram.mp4`), the same as its path in the folder the shard was made from
 (`tar --sort=name -cf shard-00000.tar -C folder .`), so a shard set and its folder give the same cached samples.
@@ -194,7 +195,10 @@ class TarShardSource:
             if "fps" in numbers:
                 (path / FOLDER_META).write_text(json.dumps({"fps": numbers["fps"]}))
             source = key
-        return Clip(path, caption, source=source, **numbers)
+        condition_text = next((data for f, data in fields.items() if f.lower() == "condition.txt"), None)
+        condition = (condition_text.decode("utf-8", "replace") if condition_text is not None
+                     else str(meta.get("condition_caption") or "")).strip() or None
+        return Clip(path, caption, source=source, condition_caption=condition, **numbers)
 
     def release(self, clip: Clip) -> None:
         """Delete a clip's extracted files once it is encoded or skipped."""
