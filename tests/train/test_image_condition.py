@@ -102,7 +102,7 @@ def test_conditioned_samples_have_their_own_text_dropout(batch):
 def test_conditioned_samples_train_with_their_condition_caption(tmp_path):
     """condition_caption 1: every conditioned clip that has a condition caption reads its states, every other clip
     (and a conditioned one without) its caption; no earlier draw moves."""
-    from motif_video.train.cached import CachedSample, write_cached_samples
+    from motif_video.train.cached import write_cached_samples
     from tests.train.engine_helpers import make_samples
 
     samples = make_samples(n_images=0, n_videos=6)
