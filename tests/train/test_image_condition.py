@@ -135,8 +135,8 @@ def test_conditioned_samples_train_with_their_condition_caption(tmp_path):
     assert abs(np.mean(swapped) - 0.5) < 0.06
     assert not any(s for flags, _, _, swaps in draws for f, s in zip(flags, swaps) if not f)
     plain = objective(ImageConditionSection(probability=0.5))
-    assert all(torch.equal(a[1], b[1]) and a[0] == b[0] and a[2] == b[2]
-               for a, b in zip(draws, (plain.image_conditions(batch["latents"], s, list(range(6))) for s in range(200))))
+    before = [plain.image_conditions(batch["latents"], step, list(range(6))) for step in range(200)]
+    assert all(torch.equal(a[1], b[1]) and a[0] == b[0] and a[2] == b[2] for a, b in zip(draws, before))
     with pytest.raises(Exception, match="condition_caption must be in"):
         ImageConditionSection(condition_caption=-0.1).validate("objective.image_condition")
 
