@@ -113,6 +113,12 @@ def _members(url: str) -> Iterator[tuple[str, dict[str, bytes]]]:
             yield key, fields
 
 
+def _text_field(fields: dict[str, bytes], member: str, meta: dict, key: str) -> str:
+    """A sample's text from its `member` (e.g. "txt"), else the JSON metadata's `key`; stripped, "" when neither."""
+    data = next((data for f, data in fields.items() if f.lower() == member), None)
+    return (data.decode("utf-8", "replace") if data is not None else str(meta.get(key) or "")).strip()
+
+
 class TarShardSource:
     """The clips of a set of tar shards; `clips(rank, world)` streams every world-th shard from the rank-th."""
 
@@ -156,8 +162,7 @@ class TarShardSource:
         except (ValueError, UnicodeDecodeError) as e:
             self._skip(where, f"bad JSON metadata: {e}")
             return None
-        text = next((data for f, data in fields.items() if f.lower() == "txt"), None)
-        caption = (text.decode("utf-8", "replace") if text is not None else str(meta.get("caption") or "")).strip()
+        caption = _text_field(fields, "txt", meta, "caption")
         if not caption:
             self._skip(where, "no caption (.txt or a JSON 'caption')")
             return None
@@ -195,9 +200,7 @@ class TarShardSource:
             if "fps" in numbers:
                 (path / FOLDER_META).write_text(json.dumps({"fps": numbers["fps"]}))
             source = key
-        condition_text = next((data for f, data in fields.items() if f.lower() == "condition.txt"), None)
-        condition = (condition_text.decode("utf-8", "replace") if condition_text is not None
-                     else str(meta.get("condition_caption") or "")).strip() or None
+        condition = _text_field(fields, "condition.txt", meta, "condition_caption") or None
         return Clip(path, caption, source=source, condition_caption=condition, **numbers)
 
     def release(self, clip: Clip) -> None:
