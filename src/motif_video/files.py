@@ -148,15 +148,19 @@ def _alive(pid: int) -> bool:
 def try_exclusive_lock(path: str | os.PathLike):
     """An exclusive advisory lock on `path` (created), held while the returned open file is (the OS drops it when
     the process ends, killed or not), or None when another process holds it. The holder's pid goes into the file,
-    which `lock_holder` reads for the message of whoever finds the lock taken."""
+    which `lock_holder` reads for the message of whoever finds the lock taken. A file system that cannot lock at all
+    (some network mounts) is a one-line error, not a lock reported as held."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     handle = open(path, "a+")
     try:
         fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
+    except BlockingIOError:
         handle.close()
         return None
+    except OSError as e:
+        handle.close()
+        raise MotifVideoError(f"cannot lock {path}: {e.strerror or e} (does this file system support locks?)") from None
     handle.truncate(0)
     handle.write(f"pid {os.getpid()}")
     handle.flush()

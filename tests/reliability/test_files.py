@@ -229,3 +229,18 @@ def test_exclusive_lock_is_held_until_closed_or_the_process_dies(tmp_path):
     taken = try_exclusive_lock(path)
     assert taken is not None
     taken.close()
+
+
+def test_a_file_system_that_cannot_lock_is_an_error_not_a_held_lock(tmp_path, monkeypatch):
+    import errno
+    import fcntl
+
+    from motif_video.errors import MotifVideoError
+    from motif_video.files import try_exclusive_lock
+
+    def no_locks(handle, operation):
+        raise OSError(errno.ENOLCK, os.strerror(errno.ENOLCK))
+
+    monkeypatch.setattr(fcntl, "flock", no_locks)
+    with pytest.raises(MotifVideoError, match="cannot lock .*No locks available"):
+        try_exclusive_lock(tmp_path / ".lock")
