@@ -10,6 +10,11 @@ import torch.distributed as dist
 
 from ..errors import MotifVideoError
 
+# Every process group this package opens (generation, training, caching) gives up on a collective after this long: a
+# rank hung rather than dead ends the job instead of holding the others forever. Long enough for the slowest rank's
+# checkpoint write or cache shard at 2B scale, which the others wait for at the next barrier.
+COLLECTIVE_TIMEOUT = timedelta(minutes=30)
+
 
 def launched_world() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
@@ -22,8 +27,7 @@ def init_distributed(device: str | None) -> torch.device:
     if cuda:
         torch.cuda.set_device(local)
     if not dist.is_initialized():
-        # a bounded timeout: a rank stuck in a collective ends the run instead of hanging it
-        dist.init_process_group("nccl" if cuda else "gloo", timeout=timedelta(minutes=10))
+        dist.init_process_group("nccl" if cuda else "gloo", timeout=COLLECTIVE_TIMEOUT)
     return torch.device("cuda", local) if cuda else torch.device("cpu")
 
 

@@ -92,7 +92,9 @@ class _Ranks:
 
     def connect(self) -> None:
         if self.world > 1 and not self.dist.is_initialized():
-            self.dist.init_process_group("gloo")
+            from ..parallel.launch import COLLECTIVE_TIMEOUT
+
+            self.dist.init_process_group("gloo", timeout=COLLECTIVE_TIMEOUT)
             self.owned = True
 
     def broadcast(self, obj):

@@ -167,7 +167,9 @@ class Trainer:
 
     def _setup(self) -> None:
         from accelerate import Accelerator
-        from accelerate.utils import ProjectConfiguration
+        from accelerate.utils import InitProcessGroupKwargs, ProjectConfiguration
+
+        from ..parallel.launch import COLLECTIVE_TIMEOUT
 
         c = self.config
         cuda = torch.cuda.is_available()
@@ -177,6 +179,7 @@ class Trainer:
             self.tensorboard_dir = self.output_dir / c.logging.tensorboard  # an absolute path replaces output_dir
         self.accelerator = Accelerator(
             cpu=not cuda, mixed_precision="bf16" if self.compute_dtype == torch.bfloat16 else "no",
+            kwargs_handlers=[InitProcessGroupKwargs(timeout=COLLECTIVE_TIMEOUT)],
             log_with="tensorboard" if self.tensorboard_dir else None,
             project_config=ProjectConfiguration(
                 project_dir=str(self.output_dir),
