@@ -9,6 +9,8 @@ from motif_video.errors import MotifVideoError
 from motif_video.nano.codec import (
     CODEC_CONFIG,
     build_codec,
+    cell_colours,
+    colour_alignment_loss,
     load_items,
     object_mask,
     per_frame_init_,
@@ -145,6 +147,41 @@ def test_object_mask_marks_the_shape():
     mask = object_mask(to_pixels([sample.frames]))[0, 0].numpy()  # (T, H, W)
     reference = np.abs(sample.frames.astype(int) - np.array(BACKGROUND)).max(-1) > 0.1 * 127.5
     np.testing.assert_array_equal(mask.astype(bool), reference)
+
+
+def test_cell_colours_average_each_latent_cell_of_pixels():
+    pixels = torch.rand(2, 3, 9, 16, 24, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    cells = cell_colours(pixels).numpy()
+    assert cells.shape == (2, 3, 3, 2, 3)
+    x = pixels.numpy()
+    groups = [x[:, :, :1], x[:, :, 1:5], x[:, :, 5:9]]  # frame 0 alone, then chunks of 4 (the causal encoder's)
+    for t, frames in enumerate(groups):
+        for i in range(2):
+            for j in range(3):
+                expected = frames[:, :, :, 8 * i:8 * i + 8, 8 * j:8 * j + 8].mean(axis=(2, 3, 4))
+                np.testing.assert_allclose(cells[:, :, t, i, j], expected, atol=1e-6)
+
+
+def test_colour_alignment_is_zero_on_the_cell_colours_and_counts_only_three_channels():
+    pixels = to_pixels([make_clip(3, 0, frames=FRAMES, size=SIZE).frames])
+    latent = torch.randn(1, 16, 3, SIZE // 8, SIZE // 8)
+    latent[:, :3] = cell_colours(pixels)
+    assert colour_alignment_loss(latent, pixels, object_weight=9.0).item() == 0.0
+    latent[:, :3] += 0.5
+    assert colour_alignment_loss(latent, pixels).item() == pytest.approx(0.25)
+
+
+def test_colour_weight_ties_three_latent_channels_to_the_pixel_colour(tmp_path):
+    samples = _samples()
+    errors = {}
+    for weight in (0.0, 1.0):
+        train_codec(samples, tmp_path / str(weight), steps=12, batch_size=2, image_batch_size=2, window=5, seed=0,
+                    lr=3e-3, progress=False, colour_weight=weight)
+        vae = AutoencoderKLWan.from_pretrained(tmp_path / str(weight)).float().eval()
+        pixels = to_pixels([s.frames[:5] for s in samples[:4]])
+        with torch.no_grad():
+            errors[weight] = colour_alignment_loss(vae.encode(pixels).latent_dist.mean, pixels).item()
+    assert errors[1.0] < 0.25 * errors[0.0]
 
 
 def test_trains_from_a_nano_data_folder_with_heldout_metrics(tmp_path):

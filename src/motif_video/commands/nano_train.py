@@ -27,6 +27,9 @@ def register(subparsers) -> None:
     p.add_argument("--codec-budget", type=float, default=plan.codec_budget_s,
                    help="codec training time cap in seconds (default: none, so the codec, and everything trained on it, "
                         "does not depend on the machine's speed)")
+    p.add_argument("--codec-colour-weight", type=float, default=plan.codec_colour_weight,
+                   help="weight of the codec term tying three latent channels to each cell's pixel colour, so the "
+                        "palette's colours lie apart in latent space (0: reconstruction only)")
     p.add_argument("--teacher-steps", type=int, default=plan.teacher_steps,
                    help="REPA teacher training steps")
     p.add_argument("--stage-steps", type=int, nargs=3, default=list(plan.stage_steps), metavar=("S1", "S2", "S3"),
@@ -57,6 +60,8 @@ def run(args) -> int:
                           "installed with `pip install -e .`")
     if min(args.clips, args.images, args.codec_steps, args.teacher_steps, *args.stage_steps) < 1:
         raise ConfigError("clip/image counts and step counts must be >= 1")
+    if not args.codec_colour_weight >= 0:
+        raise ConfigError(f"--codec-colour-weight must be >= 0, got {args.codec_colour_weight}")
     # Reused parts are checked before the dataset is made, not after.
     for flag, folder in (("--codec-from", args.codec_from), ("--teacher-from", args.teacher_from)):
         if folder is not None and not (Path(folder) / "config.json").is_file():
@@ -68,7 +73,8 @@ def run(args) -> int:
     if not 0 <= args.encoder_budget <= sampling_steps:
         raise ConfigError(f"--encoder-budget must be in [0, {sampling_steps}] (the model's sampling steps)")
     plan = NanoPlan(seed=args.seed, clips=args.clips, images=args.images, codec_steps=args.codec_steps,
-                    codec_budget_s=args.codec_budget, teacher_steps=args.teacher_steps,
+                    codec_budget_s=args.codec_budget, codec_colour_weight=args.codec_colour_weight,
+                    teacher_steps=args.teacher_steps,
                     stage_steps=tuple(args.stage_steps), eval_prompts=args.eval_prompts, eval_steps=args.eval_steps,
                     encoder_budget=args.encoder_budget or None, codec_from=args.codec_from,
                     teacher_from=args.teacher_from, i2v_eval_clips=args.i2v_eval_clips,

@@ -16,6 +16,9 @@ class NanoPlan:
     # steps instead of 2,350 and the whole model fell from 92 % to 50 % all correct (docs/nano.md).
     codec_steps: int = 2400  # the still-image phase is the first 60% of the schedule
     codec_budget_s: float | None = None  # an optional time cap (the schedule then ends at whichever comes first)
+    # Weight of the term tying three latent channels to the pixel colour: without it the codec's colour geometry is
+    # chance, and the palette pairs it happens to put close are the ones the model confuses (docs/nano.md).
+    codec_colour_weight: float = 1.0
     teacher_steps: int = 600
     stage_steps: tuple[int, int, int] = (600, 1200, 3600)
     eval_prompts: int = 105

@@ -212,7 +212,8 @@ def run_recipe(out_dir: str | Path, plan: NanoPlan | None = None, progress: bool
             log["codec"] = {"reused": log["plan"]["codec_from"]}
         else:
             log["codec"] = train_codec(data_dir, model_dir / "vae", steps=plan.codec_steps, seed=plan.seed,
-                                       progress=progress, time_budget_s=plan.codec_budget_s)
+                                       progress=progress, time_budget_s=plan.codec_budget_s,
+                                       colour_weight=plan.codec_colour_weight)
     write_model_skeleton(model_dir, plan.generation)
     with _step(seconds, "teacher"):
         if plan.teacher_from:
