@@ -3,7 +3,9 @@ latent of the cells lying wholly inside a large static square (6 seeded position
 divided by the median pair distance. Pairs near 0 are colours the transformer can only tell apart by small latent
 differences.
 
-    python benchmarks/codec_colour_separation.py src/motif_video/assets/motif-video-nano runs/nano/model
+    python benchmarks/codec_colour_separation.py src/motif_video/assets/motif-video-nano runs/nano/model/vae
+
+Each argument is a model folder (its vae/ is read) or a codec folder itself (a run's model/vae while it trains).
 """
 
 from __future__ import annotations
@@ -11,18 +13,20 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from diffusers import AutoencoderKLWan
 
-from motif_video.model_folder import ModelFolder
 from motif_video.nano.data import BACKGROUND, COLORS, Attributes, render
 from motif_video.pipeline.vae import LatentCodec
 
 
 def colour_latents(model: str, positions: int, size: int = 64) -> dict[str, torch.Tensor]:
-    codec = LatentCodec(ModelFolder(model).load("vae", torch_dtype=torch.float32).eval())
+    folder = Path(model) / "vae" if (Path(model) / "vae" / "config.json").is_file() else Path(model)
+    codec = LatentCodec(AutoencoderKLWan.from_pretrained(folder, torch_dtype=torch.float32).eval())
     means = {}
     for colour in COLORS:
         rows = []
@@ -41,7 +45,7 @@ def colour_latents(model: str, positions: int, size: int = 64) -> dict[str, torc
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("models", nargs="+", help="model folders (their vae/)")
+    p.add_argument("models", nargs="+", help="model folders (their vae/) or codec folders")
     p.add_argument("--positions", type=int, default=6, help="seeded square positions per colour")
     p.add_argument("--closest", type=int, default=5, help="closest pairs listed per model")
     args = p.parse_args()
