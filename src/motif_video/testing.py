@@ -92,3 +92,25 @@ def save_tiny_pipeline(folder: str | Path, **kwargs) -> Path:
     pipe = build_diffusers_pipeline(**kwargs)
     pipe.save_pretrained(str(folder))
     return Path(folder)
+
+
+def save_tied_transformer(folder: str | Path, query_bias: bool, seed: int = 1, scale: float = 0.2) -> Path:
+    """Replace the transformer of a tiny pipeline folder (`save_tiny_pipeline`) with one in our tied layout, as the
+    nano model is trained, with a query-LayerNorm bias or without. Every parameter is random (a zero-initialised
+    projection or a unit LayerNorm would hide a bug), `scale` large enough that the blocks move the output."""
+    import shutil
+
+    from .model.config import preset
+    from .model.transformer import MotifVideoTransformer
+
+    folder = Path(folder)
+    config = preset("motif-video-tiny", text_embed_dim=32, image_embed_dim=None, cross_attention_form="tied",
+                    cross_attention_query_bias=query_bias)
+    model = MotifVideoTransformer(config)
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape, generator=gen) * scale)
+    shutil.rmtree(folder / "transformer")
+    model.save_pretrained(folder / "transformer")
+    return folder

@@ -3,7 +3,6 @@ cache it samples the latents ours samples; its cache hooks run, or fail, on Moti
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -11,14 +10,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from motif_video import MotifVideoPipeline, MotifVideoTransformer, preset
+from motif_video import MotifVideoPipeline
 from motif_video.convert.checkpoint import read_state_dict
 from motif_video.convert.layouts import detect_layout
 from motif_video.errors import CheckpointError
 from motif_video.model_folder import update_generation_defaults
 from motif_video.pipeline.diffusers_reference import DiffusersReference, diffusers_cache
 from motif_video.pipeline.pipeline import initial_noise
-from motif_video.testing import save_tiny_pipeline
+from motif_video.testing import save_tied_transformer, save_tiny_pipeline
 
 STEPS = 6
 PROMPTS = ["a red circle moving to the left", "a large blue square moving up"]  # two lengths: a padded batch
@@ -27,16 +26,7 @@ PROMPTS = ["a red circle moving to the left", "a large blue square moving up"]  
 def save_tied_model(folder: Path, query_bias: bool) -> Path:
     """A tiny model folder whose transformer is in our tied layout (as the nano model is trained), random weights,
     with nano-like defaults at a tiny size (Euler, CFG 2, an empty negative prompt)."""
-    save_tiny_pipeline(folder)
-    config = preset("motif-video-tiny", text_embed_dim=32, image_embed_dim=None, cross_attention_form="tied",
-                    cross_attention_query_bias=query_bias)
-    model = MotifVideoTransformer(config)
-    gen = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for p in model.parameters():  # every parameter random: a zero-init or a unit LayerNorm would hide a bug
-            p.copy_(torch.randn(p.shape, generator=gen) * 0.2)  # large enough that the blocks move the output
-    shutil.rmtree(folder / "transformer")
-    model.save_pretrained(folder / "transformer")
+    save_tied_transformer(save_tiny_pipeline(folder), query_bias)
     update_generation_defaults(folder, height=32, width=32, num_frames=9, num_inference_steps=STEPS,
                                guidance_scale=2.0, guider="cfg", shift=3.0, solver="euler", negative_prompt="",
                                max_sequence_length=16, encoder_reuse=1, fps=8, magcache_ratios=[1.0] * STEPS)

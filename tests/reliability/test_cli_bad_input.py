@@ -14,7 +14,6 @@ from safetensors.torch import load_file, save_file
 
 from .conftest import assert_user_error, edit_json, run_cli, snapshot
 
-NANO = Path(__file__).resolve().parents[2] / "src" / "motif_video" / "assets" / "motif-video-nano"
 WEIGHTS = "transformer/diffusion_pytorch_model.safetensors"
 
 
@@ -23,6 +22,7 @@ def assets(tiny, tmp_path_factory) -> Path:
     """Broken models, files and datasets, built once; tests must leave them unchanged."""
     from motif_video.convert.gguf import WRITE_TYPES, write_gguf
     from motif_video.model.transformer import MotifVideoTransformer
+    from motif_video.testing import save_tied_transformer
 
     a = tmp_path_factory.mktemp("assets")
 
@@ -57,6 +57,7 @@ def assets(tiny, tmp_path_factory) -> Path:
     model("unknown_class", lambda f: edit_json(f / "model_index.json", vae=["diffusers", "NoSuchVAE"]))
     model("missing_vae", lambda f: shutil.rmtree(f / "vae"))
     model("broken_vae", lambda f: (f / "vae" / "config.json").write_text("{"))
+    model("biased_tied", lambda f: save_tied_transformer(f, query_bias=True))  # tied, non-zero query-norm bias
 
     def nan_weights(f):
         state = load_file(f / WEIGHTS)
@@ -91,7 +92,7 @@ def assets(tiny, tmp_path_factory) -> Path:
 
 
 # (id, command line, words the error line must contain). {t}: the tiny model, {a}: the assets, {w}: a scratch
-# folder holding user files (afile, userdir/, ourdir_plus/, dir.mp4/) that must survive every case, {n}: nano.
+# folder holding user files (afile, userdir/, ourdir_plus/, dir.mp4/) that must survive every case.
 G = "generate 'a red circle' --model {t} -o {w}/out.mp4 --quiet --steps 1 --height 32 --width 32 --frames 5"
 GM = "generate 'a red circle' -o {w}/out.mp4 --quiet --steps 1 --height 32 --width 32 --frames 5 --model"
 CASES = [
@@ -192,7 +193,8 @@ CASES = [
     ("convert-out-is-file", "convert {t} {w}/afile --to original", ["existing file"]),
     ("convert-out-user-folder", "convert {t} {w}/userdir --to original", ["other files"]),
     ("convert-out-under-file", "convert {t} {w}/afile/sub --to original", ["afile"]),
-    ("convert-nano-to-diffusers", "convert {n} {w}/out --to diffusers", ["non-zero bias", "--to original"]),
+    ("convert-query-bias-to-diffusers", "convert {a}/biased_tied {w}/out --to diffusers",
+     ["non-zero bias", "--to original"]),
     # quantize
     ("quantize-suffix", "quantize {t} {w}/out.bin --type q8_0", [".gguf"]),
     ("quantize-out-folder", "quantize {t} {w}/userdir --type q8_0", ["is a folder"]),
@@ -205,7 +207,8 @@ CASES = [
     ("quantize-weights-truncated", "quantize {a}/trunc_weights {w}/o.gguf --type q8_0", ["trunc_weights"]),
     ("quantize-weights-missing", "quantize {a}/no_weights {w}/o.gguf --type q8_0", ["no_weights"]),
     ("quantize-weights-garbage", "quantize {a}/garbage_weights {w}/o.gguf --type q4_0", ["garbage_weights"]),
-    ("quantize-nano-diffusers-layout", "quantize {n} {w}/o.gguf --type q8_0 --layout diffusers", ["--layout tied"]),
+    ("quantize-query-bias-diffusers-layout", "quantize {a}/biased_tied {w}/o.gguf --type q8_0 --layout diffusers",
+     ["--layout tied"]),
     # estimate
     ("estimate-config-type", "estimate --model {a}/bad_heads", ["num_attention_heads"]),
     ("estimate-config-not-json", "estimate --model {a}/bad_json", ["JSON"]),
@@ -286,7 +289,7 @@ def test_bad_input_is_one_line_and_changes_nothing(capsys, tmp_path, tiny, asset
     w.mkdir()
     _user_files(w)
     before, assets_before = snapshot(w), snapshot(assets)
-    argv = shlex.split(argv.format(t=tiny, a=assets, w=w, n=NANO))
+    argv = shlex.split(argv.format(t=tiny, a=assets, w=w))
     rc, _, err = run_cli(capsys, *argv)
     assert_user_error(rc, err, *words)
     assert snapshot(w) == before
