@@ -191,23 +191,28 @@ def _transformer_output(model, seed=0):
         return model(x, torch.tensor([500.0]), text, None, None).float()
 
 
-def test_quantize_the_shipped_nano_model_in_the_tied_form(capsys, tmp_path):
+def test_quantize_a_model_with_a_query_bias_in_the_tied_form(capsys, tiny, tmp_path):
+    import shutil
+
     from motif_video.convert.gguf import read_gguf
     from motif_video.model.transformer import MotifVideoTransformer
+    from motif_video.testing import save_tied_transformer
 
-    out = tmp_path / "nano.gguf"
-    rc, stdout, err = run_cli(capsys, "quantize", NANO, out, "--type", "q8_0", "--no-progress")
+    model = save_tied_transformer(shutil.copytree(tiny, tmp_path / "biased"), query_bias=True)
+    out = tmp_path / "biased.gguf"
+    rc, stdout, err = run_cli(capsys, "quantize", model, out, "--type", "q8_0", "--no-progress")
     assert rc == 0, err
     assert "tied layout" in stdout and "warning: " in err and "not with diffusers" in err
     assert any(".cross_attn.query_norm.bias" in k for k in read_gguf(out)[0])
-    reference = MotifVideoTransformer.from_pretrained(NANO, "transformer").float().eval()
+    reference = MotifVideoTransformer.from_pretrained(model, "transformer").float().eval()
     loaded = MotifVideoTransformer.from_single_file(out).eval()
     assert loaded.config.cross_attention_form == "tied"
     want, got = _transformer_output(reference), _transformer_output(loaded)
     # Q8_0 (8-bit blocks): about 0.5% relative error; a wrong layout or a lost LayerNorm bias gives order 1
     assert ((got - want).norm() / want.norm()).item() < 2e-2
-    rc, stdout, err = run_cli(capsys, "generate", "a red circle", "--gguf", out, "-o", tmp_path / "v.mp4",
-                              "--steps", "2", "--quiet")
+    rc, stdout, err = run_cli(capsys, "generate", "a red circle", "--gguf", out, "--model", model, "-o",
+                              tmp_path / "v.mp4", "--steps", "2", "--height", "32", "--width", "32", "--frames", "5",
+                              "--quiet")
     assert rc == 0, err and (tmp_path / "v.mp4").is_file()
 
 
