@@ -1,5 +1,6 @@
 """The shipped nano model's final latents for a fixed prompt and seed, pinned: a refactor of the model or the
-pipeline must not move a single output (stored from the reference implementation, one thread, fp32 on CPU)."""
+pipeline must not move an output beyond the last bits (stored from the reference implementation, one thread, fp32 on
+CPU)."""
 
 from pathlib import Path
 
@@ -22,4 +23,6 @@ def test_shipped_model_latents_equal_the_stored_fixture():
         torch.set_num_threads(threads)
     expected = torch.load(FIXTURE)
     assert latents.shape == expected.shape
-    torch.testing.assert_close(latents, expected, rtol=0, atol=1e-6)
+    # Another CPU's kernels move the last bits (4.5e-6 at most on an AMD EPYC against the machine that stored the
+    # fixture, latents of order 1); a change to the model or the sampler moves them by orders more.
+    torch.testing.assert_close(latents, expected, rtol=0, atol=5e-5)

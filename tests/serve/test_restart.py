@@ -4,14 +4,12 @@ started again on the same data dir, and every job finishes; SIGTERM re-queues th
 from __future__ import annotations
 
 import httpx
-import numpy as np
 import torch
 
 from motif_video.pipeline.pipeline import generate_to_file
-from motif_video.pipeline.video_io import read_video
 from motif_video.serve.queue.store import JobStore
 
-from .conftest import ServerProcess, poll_until_done, wait_for
+from .conftest import ServerProcess, assert_same_video, poll_until_done, wait_for
 
 JOB = {"size": "32x32", "num_frames": 9, "guidance_scale": 4.0}
 
@@ -65,4 +63,4 @@ def test_kill_9_with_queued_jobs_then_restart_finishes_them(tiny_model, tiny_pip
     generate_to_file(tiny_pipe, reference, prompt="a blue square 0", height=32, width=32, num_frames=9,
                      num_inference_steps=30, guidance_scale=4.0, generator=torch.Generator().manual_seed(10),
                      progress=False)
-    np.testing.assert_array_equal(read_video(served), read_video(reference))
+    assert_same_video(served, reference)

@@ -205,10 +205,16 @@ def t2v_run(tmp_path: Path, objective_section: dict) -> dict:
 
 
 def test_text_to_video_training_is_unchanged(tmp_path):
-    """No `image_condition` reproduces the stored run of the engine before image conditioning existed, bit for
-    bit, and probability 0 reproduces no `image_condition`."""
+    """No `image_condition` reproduces the stored run of the engine before image conditioning existed (to the last
+    bits another CPU's kernels move: the weights' checksum differs by 4e-8 relative on an AMD EPYC against the
+    machine that stored it; a changed draw or input moves the losses by percents), and probability 0 reproduces no
+    `image_condition` bit for bit."""
     absent = t2v_run(tmp_path / "absent", {"text_dropout": 0.2})
-    assert absent == json.loads(REFERENCE.read_text())
+    stored = json.loads(REFERENCE.read_text())
+    for key in ("losses", "weights"):
+        got = [float.fromhex(v) for v in np.atleast_1d(absent[key])]
+        want = [float.fromhex(v) for v in np.atleast_1d(stored[key])]
+        np.testing.assert_allclose(got, want, rtol=1e-6, atol=0, err_msg=key)
     off = t2v_run(tmp_path / "off", {"text_dropout": 0.2, "image_condition": {"probability": 0.0}})
     assert off == absent
     on = t2v_run(tmp_path / "on", {"text_dropout": 0.2, "image_condition": {"probability": 1.0}})
