@@ -304,15 +304,20 @@ def test_twenty_concurrent_submissions_with_max_queue_8(tiny_pipe, tmp_path):
             for i, job_id in accepted:
                 assert poll_until_done(c, job_id, 120)["status"] == "completed"
             served = {job_id: c.get(f"/v1/videos/{job_id}/content").content for _, job_id in accepted}
-    for i, job_id in accepted:  # each job's own video: equal to generating its prompt and seed alone
+    references = {}
+    for i, job_id in accepted:  # each job alone, as `generate` makes it
         prompt, seed = prompts[i]
-        path = tmp_path / f"{job_id}.mp4"
-        path.write_bytes(served[job_id])
-        reference = tmp_path / f"{job_id}-ref.mp4"
-        generate_to_file(tiny_pipe, reference, prompt=prompt, height=32, width=32, num_frames=9,
+        references[job_id] = tmp_path / f"{job_id}-ref.mp4"
+        generate_to_file(tiny_pipe, references[job_id], prompt=prompt, height=32, width=32, num_frames=9,
                          num_inference_steps=2, guidance_scale=4.0, generator=torch.Generator().manual_seed(seed),
                          progress=False)
-        assert video_distance(path, reference) < SAME_VIDEO_LEVELS, f"{job_id}: {prompt}"
+    for i, job_id in accepted:  # each job's own video: nearest to its own reference, within rounding of it
+        path = tmp_path / f"{job_id}.mp4"
+        path.write_bytes(served[job_id])
+        distances = {other: video_distance(path, reference) for other, reference in references.items()}
+        # Batched calls (up to 4 jobs here) spread rounding further than one job does: measured up to 0.77 levels
+        # on an AMD EPYC, against 1.6 or more to another seed.
+        assert min(distances, key=distances.get) == job_id and distances[job_id] < 1.0, (prompts[i], distances)
 
 
 def test_api_key_protects_api_downloads_and_ui(tiny_pipe, tmp_path):
