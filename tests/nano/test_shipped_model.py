@@ -62,16 +62,15 @@ def test_shipped_model_continues_a_given_image():
 def test_shipped_model_converts_exactly_to_the_diffusers_layout(tmp_path, capsys):
     """The shipped model's query LayerNorm has no bias, so its tied cross-attention folds exactly into the released
     layout: diffusers' own transformer and pipeline reproduce ours, and `quantize` writes a diffusers-layout GGUF."""
-    from diffusers import MotifVideoTransformer3DModel
-
     from motif_video import MotifVideoTransformer
     from motif_video.pipeline.diffusers_reference import DiffusersReference
     from motif_video.pipeline.pipeline import initial_noise
 
     assert cli_main(["convert", str(DEFAULT_MODEL_DIR / "transformer"), str(tmp_path / "diffusers"),
                      "--to", "diffusers"]) == 0
-    ours = MotifVideoTransformer.from_pretrained(DEFAULT_MODEL_DIR, "transformer").float().eval()
-    theirs = MotifVideoTransformer3DModel.from_pretrained(str(tmp_path / "diffusers")).float().eval()
+    pipe = MotifVideoPipeline.from_pretrained(DEFAULT_MODEL_DIR, device="cpu")
+    reference = DiffusersReference(pipe, tmp_path / "diffusers")  # diffusers' pipeline on the converted folder
+    ours, theirs = pipe.transformer.float().eval(), reference.transformer.float().eval()
     c = ours.config
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(2, c.in_channels, 3, 8, 8, generator=gen)
@@ -85,8 +84,6 @@ def test_shipped_model_converts_exactly_to_the_diffusers_layout(tmp_path, capsys
     # (measured); a wrong fold or layout is of order 1.
     assert (got - want).abs().max() <= 1e-4 * want.abs().max()
 
-    pipe = MotifVideoPipeline.from_pretrained(DEFAULT_MODEL_DIR, device="cpu")
-    reference = DiffusersReference.from_model(DEFAULT_MODEL_DIR, pipe, tmp_path / "reference")
     prompts = ["a red circle moving left", "a large blue square moving up"]
     seeds = lambda: [torch.Generator().manual_seed(s) for s in (3, 4)]  # noqa: E731
     noise = initial_noise((2, 16, 5, 8, 8), seeds())
