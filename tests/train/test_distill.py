@@ -130,11 +130,42 @@ def test_config_checks():
     base = {"model": {"preset": "motif-video-tiny"}, "data": {"cache_dirs": ["c"]}}
     with pytest.raises(ConfigError, match="encoder_refresh applies"):
         load_config(data={**base, "objective": {"encoder_refresh": [0]}})
+    with pytest.raises(ConfigError, match="rollout_fraction applies"):
+        load_config(data={**base, "objective": {"rollout_fraction": 0.5}})
     with pytest.raises(ConfigError, match="REPA"):
         load_config(data={**base, "objective": {"kind": "distill"}, "alignment": {}})
     with pytest.raises(ConfigError, match="routing"):
         load_config(data={**base, "objective": {"kind": "distill", "encoder_refresh": [0]},
                           "routing": {"selection_ratio": 0.5, "start_layer": 1, "end_layer": 2}})
+
+
+def test_rollout_states_are_the_students_own_sampling(teacher, tmp_path):
+    # Trajectories of the guided teacher; the rollout replaces x_1 .. x_k by the states the pipeline reaches when the
+    # student samples 4 unguided steps with the encoder on step 0 from the same noise (the independent reference).
+    folder, pipe = teacher
+    seeds = list(range(len(PROMPTS)))
+    guided, sigmas = teacher_trajectories(pipe, PROMPTS, student_steps=4, seeds=seeds, num_inference_steps=8,
+                                          guidance_scale=3.0, guider="cfg", **SIZE)
+    own, _ = teacher_trajectories(pipe, PROMPTS, student_steps=4, seeds=seeds, num_inference_steps=4,
+                                  guidance_scale=1.0, encoder_refresh=[0], **SIZE)
+    assert torch.equal(guided[:, 0], own[:, 0]) and (guided[:, 1:] - own[:, 1:]).abs().max() > 1e-3
+    text, mask = pipe.prompts.encode(PROMPTS)
+    objective = DistillationObjective(seed=0, sigmas=sigmas, encoder_refresh=[0], rollout_fraction=0.5)
+    segments = torch.tensor([3, 3, 2, 1, 0, 3, 2, 1])
+    rollout = torch.tensor([True, False, True, True, True, True, False, False])
+    states = objective.student_states(TrainModule(pipe.transformer), guided, segments, rollout, text, mask)
+    for i, (k, rolled) in enumerate(zip(segments.tolist(), rollout.tolist())):
+        reached = k if rolled else 0
+        torch.testing.assert_close(states[i, :reached + 1], own[i, :reached + 1], atol=1e-5, rtol=1e-5)
+        assert torch.equal(states[i, reached + 1:], guided[i, reached + 1:])
+    # Rows that roll out target the teacher's next state from their own: v = (x_{k+1} - x^_k) / ds.
+    targets = objective.targets(guided, segments, states)
+    i, k = 0, 3
+    torch.testing.assert_close(targets[i], (guided[i, k + 1] - own[i, k]) / (sigmas[k + 1] - sigmas[k]),
+                               atol=1e-4, rtol=1e-4)
+    assert sum(objective.rolls_out(1, n) for n in range(400)) == pytest.approx(200, abs=30)
+    with pytest.raises(ConfigError, match="rollout_fraction"):
+        DistillationObjective(seed=0, sigmas=sigmas, rollout_fraction=1.5)
 
 
 def _cache(teacher, folder):
@@ -148,7 +179,7 @@ def _config(tmp_path, teacher, cache, **sections):
     raw = base_config(tmp_path, cache, **{
         "seed": 5, "model": {"pretrained": str(folder / "transformer")},
         "data": {"cache_dirs": [str(cache)], "batch_size": 4, "interleave": ""},
-        "objective": {"kind": "distill", "encoder_refresh": [0]},
+        "objective": {"kind": "distill", "encoder_refresh": [0], "rollout_fraction": 0.5},
         "optim": {"lr": 2e-3, "steps": 10, "warmup_steps": 2},
         "checkpointing": {"every": 3, "keep_last": 5}, **sections})
     return raw

@@ -144,14 +144,20 @@ class ObjectiveSection:
     text_dropout: float = 0.1  # CFG: fraction of samples trained with the empty prompt
     # distill: few-step distillation on cached teacher trajectories (train/distill.py; data.cache_dirs are
     # `motif-video distill-data` folders, the fields above are unused); encoder_refresh: the student's sampling
-    # steps that run the encoder (the rest reuse it, as the pipeline's encoder_refresh), null: every step
+    # steps that run the encoder (the rest reuse it, as the pipeline's encoder_refresh), null: every step;
+    # rollout_fraction: the fraction of samples whose segment starts from the student's own sampled state
     kind: Literal["flow", "distill"] = "flow"
     encoder_refresh: list[int] | None = None
+    rollout_fraction: float = 0.0
     image_condition: ImageConditionSection | None = None  # None: text-to-video only
 
     def validate(self, key: str) -> None:
         if self.encoder_refresh is not None and self.kind != "distill":
             raise ConfigError(f"{key}.encoder_refresh applies to kind: distill only")
+        if self.rollout_fraction and self.kind != "distill":
+            raise ConfigError(f"{key}.rollout_fraction applies to kind: distill only")
+        if not 0.0 <= self.rollout_fraction <= 1.0:
+            raise ConfigError(f"{key}.rollout_fraction must be in [0, 1], got {self.rollout_fraction}")
         if self.image_condition is not None:
             self.image_condition.validate(f"{key}.image_condition")
         if self.logit_std <= 0:

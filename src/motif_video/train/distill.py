@@ -20,6 +20,12 @@ runs on the state of the latest refresh step r <= k (x_r at s_r) and the decoder
 tokens (`EncoderCache`, exactly what the pipeline does), so the gradient reaches the encoder through every step that
 reuses it.
 
+With `rollout_fraction` > 0, that fraction of the samples starts its segment from the student's own state instead of
+the teacher's (its own Euler steps from the same noise, without gradient) and still targets the teacher's next state:
+the student learns to step back onto the teacher's trajectory from where its sampling actually lands (the exposure
+bias of training on teacher states only; cf. DAgger, Ross et al. 2011, and the student-state inputs of
+consistency-trajectory and on-policy distillation).
+
 Randomness (which segment a sample trains on) comes from a generator seeded by (seed, step, the sample's position in
 the GLOBAL batch), as in `objective.FlowMatchingObjective`: two processes reproduce one, a resumed run an
 uninterrupted one.
@@ -236,11 +242,14 @@ class DistillationObjective:
     """Behind the same interface as `objective.FlowMatchingObjective`: `__call__` -> StepLoss, `evaluate`."""
 
     def __init__(self, *, seed: int, sigmas: list[float], encoder_refresh: list[int] | None = None,
-                 num_blocks: int | None = None, route: RouteConfig | None = None,
+                 rollout_fraction: float = 0.0, num_blocks: int | None = None, route: RouteConfig | None = None,
                  patch_size: tuple[int, int, int] = (1, 2, 2)):
         if len(sigmas) < 2 or any(a <= b for a, b in zip(sigmas, sigmas[1:])) or sigmas[-1] != 0:
             raise ConfigError(f"trajectory sigmas must fall strictly to 0, got {sigmas}")
+        if not 0.0 <= rollout_fraction <= 1.0:
+            raise ConfigError(f"objective.rollout_fraction must be in [0, 1], got {rollout_fraction}")
         self.seed = seed
+        self.rollout_fraction = rollout_fraction
         self.sigmas = torch.tensor(sigmas, dtype=torch.float64)
         self.steps = len(sigmas) - 1
         if encoder_refresh is not None:
@@ -262,17 +271,43 @@ class DistillationObjective:
         generator = _generator(sample_seed(self.seed, step, sample_id, "segment"), torch.device("cpu"))
         return int(torch.randint(self.steps, (), generator=generator))
 
+    def rolls_out(self, step: int, sample_id: int) -> bool:
+        """Whether sample `sample_id` starts its segment from the student's own state at optimizer step `step`."""
+        if self.rollout_fraction == 0.0:
+            return False
+        generator = _generator(sample_seed(self.seed, step, sample_id, "rollout"), torch.device("cpu"))
+        return bool(torch.rand((), generator=generator) < self.rollout_fraction)
+
     @staticmethod
     def model_input(x: torch.Tensor) -> torch.Tensor:
         """[x | zero condition latent | zero mask] (B, 33, T, H, W): text-to-video, as the pipeline feeds it."""
         return torch.cat([x, torch.zeros_like(x), torch.zeros_like(x[:, :1])], dim=1)
 
-    def targets(self, trajectory: torch.Tensor, segments: torch.Tensor) -> torch.Tensor:
-        """v*_k = (x_{k+1} - x_k) / (s_{k+1} - s_k) per sample, (B, C, T', H', W'), in float64 then float32."""
+    def targets(self, trajectory: torch.Tensor, segments: torch.Tensor,
+                inputs: torch.Tensor | None = None) -> torch.Tensor:
+        """v*_k = (x_{k+1} - x_k) / (s_{k+1} - s_k) per sample, (B, C, T', H', W'), in float64 then float32; x_k
+        from `inputs` when given (the student's own states), x_{k+1} always the teacher's."""
         rows = torch.arange(trajectory.shape[0], device=trajectory.device)
-        start, end = trajectory[rows, segments].double(), trajectory[rows, segments + 1].double()
+        inputs = trajectory if inputs is None else inputs
+        start, end = inputs[rows, segments].double(), trajectory[rows, segments + 1].double()
         ds = (self.sigmas[segments.cpu() + 1] - self.sigmas[segments.cpu()]).to(trajectory.device)
         return ((end - start) / ds.view(-1, 1, 1, 1, 1)).float()
+
+    @torch.no_grad()
+    def student_states(self, module: nn.Module, trajectory: torch.Tensor, segments: torch.Tensor,
+                       rollout: torch.Tensor, text, mask) -> torch.Tensor:
+        """The trajectories with each `rollout` row's states x_1 .. x_k replaced by the student's own: its Euler
+        steps (encoder reuse as it samples) from the same noise, without gradient. Every process runs K-1 forwards
+        whatever its rows need (one row when none), so FSDP2's collectives stay in step across processes."""
+        states = trajectory.clone()
+        sigma = self.sigmas.float().to(trajectory.device)
+        for j in range(self.steps - 1):
+            active = (rollout & (segments > j)).nonzero().flatten()
+            rows = active if active.numel() else torch.zeros(1, dtype=torch.long, device=trajectory.device)
+            at = torch.full((rows.numel(),), j, device=trajectory.device)
+            v = self.velocity(module, states[rows], at, text[rows], None if mask is None else mask[rows])
+            states[active, j + 1] = (states[rows, j] + (sigma[j + 1] - sigma[j]) * v.float())[:active.numel()]
+        return states
 
     def velocity(self, module: nn.Module, trajectory: torch.Tensor, segments: torch.Tensor, text, mask,
                  route: TokenRoute | None = None) -> torch.Tensor:
@@ -305,8 +340,14 @@ class DistillationObjective:
                 route = TokenRoute(kept[0].start_layer, kept[0].end_layer,
                                    torch.cat([r.kept for r in kept]).to(device))
         text, mask = batch["text"].to(device), batch["text_mask"].to(device)
-        velocity = self.velocity(module, trajectory, segments, text, mask, route)
-        loss = F.mse_loss(velocity.float(), self.targets(trajectory, segments))
+        inputs = trajectory
+        if self.rollout_fraction > 0.0:
+            rollout = torch.tensor([self.rolls_out(step, sid) for sid in sample_ids], device=device)
+            # Exposure bias: the student also learns to step from where its own sampling lands back onto the
+            # teacher's next state (the rows' targets start from their own states).
+            inputs = self.student_states(module, trajectory, segments, rollout, text, mask)
+        velocity = self.velocity(module, inputs, segments, text, mask, route)
+        loss = F.mse_loss(velocity.float(), self.targets(trajectory, segments, inputs))
         return StepLoss(loss, loss.detach(), None, trajectory.shape[0] * num_tokens)
 
     @torch.no_grad()
