@@ -309,3 +309,18 @@ def test_a_failed_student_folder_write_leaves_the_previous_one(teacher, tmp_path
         write_student_folder(folder, tmp_path / "run", previous)
     assert {p.relative_to(previous): p.read_bytes() for p in previous.rglob("*") if p.is_file()} == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model", "run"]
+
+
+def test_nano_distill_trains_on_several_trajectory_caches(teacher, tmp_path):
+    from motif_video.nano.distill import run_distill_recipe
+
+    folder, _ = teacher
+    caches = [_cache(teacher, tmp_path / "a"), _cache(teacher, tmp_path / "b")]
+    log = run_distill_recipe(tmp_path / "out", folder, steps=2, eval_prompts=0, trajectories_from=caches,
+                             progress=False, train_overrides=["data.batch_size=4", "optim.warmup_steps=1",
+                                                              "checkpointing.every=2"])
+    assert log["prompts"] == 2 * len(PROMPTS) and len(log["trajectories_from"]) == 2
+    saved = yaml.safe_load((tmp_path / "out" / "run" / "config.yaml").read_text())
+    assert saved["data"]["cache_dirs"] == [str(c) for c in caches]
+    assert json.loads((tmp_path / "out" / "run" / "log.jsonl").read_text().splitlines()[-1])["step"] == 2
+    assert (tmp_path / "out" / "model" / "transformer").is_dir()

@@ -21,8 +21,9 @@ def register(subparsers) -> None:
     p.add_argument("--steps", type=int, default=1500, help="distillation steps")
     p.add_argument("--seed", type=int, default=0, help="seed of the teacher trajectories and the training run")
     p.add_argument("--eval-prompts", type=int, default=105, help="held-out prompts to evaluate (0: skip)")
-    p.add_argument("--trajectories-from", default=None,
-                   help="reuse a `motif-video distill-data` folder instead of sampling the teacher")
+    p.add_argument("--trajectories-from", action="append", default=None, metavar="FOLDER",
+                   help="reuse a `motif-video distill-data` folder instead of sampling the teacher (repeatable: "
+                        "the caches are trained on together)")
     p.add_argument("--override", "-o", action="append", default=[], metavar="KEY=VALUE",
                    help="a training config value, e.g. optim.lr=3e-4 (repeatable)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")

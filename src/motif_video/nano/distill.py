@@ -71,7 +71,7 @@ def write_student_folder(teacher_dir: Path, run_dir: Path, model_dir: Path) -> N
 
 
 def run_distill_recipe(out_dir: str | Path, teacher_dir: str | Path, *, prompts: int = 1024, steps: int = 1500,
-                       seed: int = 0, eval_prompts: int = 105, trajectories_from: str | Path | None = None,
+                       seed: int = 0, eval_prompts: int = 105, trajectories_from=None,
                        batch: int = 64, progress: bool = True, train_overrides=()) -> dict:
     """Distil `teacher_dir` into `out_dir`/model; timings, losses and the evaluation go to nano_distill.json."""
     from ..nano.data import heldout_prompts, train_prompts
@@ -88,22 +88,25 @@ def run_distill_recipe(out_dir: str | Path, teacher_dir: str | Path, *, prompts:
     started = time.perf_counter()
     trajectories = out_dir / "trajectories"
     with _step(seconds, "trajectories"):
-        if trajectories_from is not None:
+        if trajectories_from:
             from ..train.distill import read_trajectory_index
 
-            trajectories = Path(trajectories_from)
-            log["trajectories_from"] = os.path.relpath(trajectories.resolve(), out_dir.resolve())
-            log["prompts"] = len(read_trajectory_index(trajectories)["samples"])
+            caches = [Path(f) for f in ([trajectories_from] if isinstance(trajectories_from, (str, Path))
+                                        else trajectories_from)]
+            log["trajectories_from"] = [os.path.relpath(f.resolve(), out_dir.resolve()) for f in caches]
+            log["prompts"] = sum(len(read_trajectory_index(f)["samples"]) for f in caches)
         else:
             shutil.rmtree(trajectories, ignore_errors=True)
             pipe = MotifVideoPipeline.from_pretrained(teacher_dir, device="cpu")
             write_trajectories(pipe, train_prompts(prompts, seed=seed), trajectories, teacher=log["teacher"],
                                student_steps=STUDENT_STEPS, seed=seed, batch_size=batch, encoder_reuse=1)
+            caches = [trajectories]
     run_dir = out_dir / "run"
     with _step(seconds, "distill"):
         shutil.rmtree(run_dir, ignore_errors=True)
         config = load_config(CONFIG_DIR / "distill.yaml", [
-            f"output_dir={run_dir}", f"seed={seed}", f"optim.steps={steps}", f"data.cache_dirs=[{trajectories}]",
+            f"output_dir={run_dir}", f"seed={seed}", f"optim.steps={steps}",
+            f"data.cache_dirs=[{', '.join(str(f) for f in caches)}]",
             f"model.pretrained={teacher_dir / 'transformer'}", f"logging.progress={'true' if progress else 'false'}",
             *train_overrides])
         result = train(config)
