@@ -17,8 +17,8 @@ def register(subparsers) -> None:
     )
     p.add_argument("out_dir", help="working folder (created)")
     p.add_argument("--teacher", default="motif-video-nano", help="teacher model folder or built-in name")
-    p.add_argument("--prompts", type=int, default=1024, help="teacher trajectories to sample")
-    p.add_argument("--steps", type=int, default=1500, help="distillation steps")
+    p.add_argument("--prompts", type=int, default=4096, help="teacher trajectories to sample")
+    p.add_argument("--steps", type=int, default=3000, help="distillation steps")
     p.add_argument("--seed", type=int, default=0, help="seed of the teacher trajectories and the training run")
     p.add_argument("--eval-prompts", type=int, default=105, help="held-out prompts to evaluate (0: skip)")
     p.add_argument("--trajectories-from", action="append", default=None, metavar="FOLDER",

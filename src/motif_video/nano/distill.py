@@ -70,7 +70,7 @@ def write_student_folder(teacher_dir: Path, run_dir: Path, model_dir: Path) -> N
         export_transformer(run_dir, tmp)
 
 
-def run_distill_recipe(out_dir: str | Path, teacher_dir: str | Path, *, prompts: int = 1024, steps: int = 1500,
+def run_distill_recipe(out_dir: str | Path, teacher_dir: str | Path, *, prompts: int = 4096, steps: int = 3000,
                        seed: int = 0, eval_prompts: int = 105, trajectories_from=None,
                        batch: int = 64, progress: bool = True, train_overrides=()) -> dict:
     """Distil `teacher_dir` into `out_dir`/model; timings, losses and the evaluation go to nano_distill.json."""
