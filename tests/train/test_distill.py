@@ -226,6 +226,7 @@ def test_the_distillation_configs_load():
     root = Path(__file__).resolve().parents[2] / "configs"
     nano = load_config(root / "nano" / "distill.yaml")
     assert nano.objective.kind == "distill" and nano.objective.encoder_refresh == [0] and nano.routing is None
+    assert nano.objective.rollout_fraction == 0.5 and nano.optim.steps == 3000
     big = load_config(root / "motif-2b" / "distill.yaml")
     assert big.objective.kind == "distill" and big.model.pretrained and big.routing is not None
 

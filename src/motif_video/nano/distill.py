@@ -97,9 +97,13 @@ def run_distill_recipe(out_dir: str | Path, teacher_dir: str | Path, *, prompts:
             log["prompts"] = sum(len(read_trajectory_index(f)["samples"]) for f in caches)
         else:
             shutil.rmtree(trajectories, ignore_errors=True)
+            from tqdm.auto import tqdm
+
             pipe = MotifVideoPipeline.from_pretrained(teacher_dir, device="cpu")
-            write_trajectories(pipe, train_prompts(prompts, seed=seed), trajectories, teacher=log["teacher"],
-                               student_steps=STUDENT_STEPS, seed=seed, batch_size=batch, encoder_reuse=1)
+            with tqdm(total=prompts, desc="trajectories", unit="prompt", disable=not progress) as bar:
+                write_trajectories(pipe, train_prompts(prompts, seed=seed), trajectories, teacher=log["teacher"],
+                                   student_steps=STUDENT_STEPS, seed=seed, batch_size=batch, encoder_reuse=1,
+                                   report=lambda done: bar.update(done - bar.n))
             caches = [trajectories]
     run_dir = out_dir / "run"
     with _step(seconds, "distill"):
