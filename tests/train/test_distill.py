@@ -244,6 +244,7 @@ def test_the_nano_students_defaults_cost_8x_fewer_transformer_flops_than_the_tea
     teacher = GenerationDefaults.from_folder(NANO)
     student = GenerationDefaults(**student_defaults(dataclasses.asdict(teacher)))
     assert (student.num_inference_steps, student.guidance_scale, student.encoder_refresh) == (4, 1.0, [0])
+    assert teacher.magcache_ratios and student.magcache_ratios is None  # the teacher's calibration is not the student's
     config = TransformerConfig.from_dict(json.loads((NANO / "transformer" / "config.json").read_text()))
     cond, uncond = forward_flops(config, 80, 12), forward_flops(config, 80, 2)  # 17x64x64: 80 tokens
 
@@ -262,10 +263,15 @@ def test_built_in_model_names_and_the_students_pointers(tmp_path):
     from motif_video.nano.distill import component_pointer
 
     assert resolve_model_dir("motif-video-nano") == NANO
-    try:
-        assert (resolve_model_dir("motif-video-nano-fast") / "model_index.json").is_file()
-    except CheckpointError as e:  # a checkout without the shipped student
-        assert "not shipped" in str(e)
+    from motif_video.model_folder import GenerationDefaults
+    from motif_video.nano.distill import student_defaults
+
+    fast = resolve_model_dir("motif-video-nano-fast")
+    assert fast == NANO.parent / "motif-video-nano-fast" and (fast / "model_index.json").is_file()
+    # The shipped student samples as the recipe writes its folder, and its codec is the teacher's.
+    teacher_defaults = dataclasses.asdict(GenerationDefaults.from_folder(NANO))
+    assert GenerationDefaults.from_folder(fast) == GenerationDefaults(**student_defaults(teacher_defaults))
+    assert component_path(fast, "vae").resolve() == (NANO / "vae").resolve()
     with pytest.raises(CheckpointError, match="built-in models"):
         resolve_model_dir("motif-video-nano-slow")
     # The student's vae/ points into this package at the teacher's codec, which loads from there.

@@ -42,7 +42,8 @@ def register(subparsers) -> None:
                    help="replace an existing frame folder that holds our video.json even when other files are in it")
     p.add_argument("--model", default=None,
                    help="model folder, hub id, or a built-in name: motif-video-nano (the default) or "
-                        "motif-video-nano-fast (its 4-step distilled student, once built into assets/ by nano-distill)")
+                        "motif-video-nano-fast (its 4-step guidance-free distilled student: ~10x fewer transformer FLOPs, "
+                        "lower quality; docs/distill.md)")
     p.add_argument("--gguf", default=None, help="GGUF transformer file to use instead of the folder's transformer")
     p.add_argument("--image", default=None, help="first frame (PNG/JPEG) for image-to-video")
     p.add_argument("--lora", action="append", default=None, metavar="PATH[:SCALE]",

@@ -40,8 +40,10 @@ def component_pointer(teacher_dir: Path, part: str) -> dict | None:
 
 
 def student_defaults(teacher_defaults: dict) -> dict:
-    """The teacher's generation defaults with the student's sampling: 4 Euler steps, no guidance, encoder on step 0."""
-    out = {k: v for k, v in teacher_defaults.items() if k not in ("encoder_refresh", "encoder_reuse")}
+    """The teacher's generation defaults with the student's sampling: 4 Euler steps, no guidance, encoder on step 0.
+    The teacher's MagCache calibration describes the teacher's steps, not the student's: it is left out."""
+    out = {k: v for k, v in teacher_defaults.items()
+           if k not in ("encoder_refresh", "encoder_reuse", "magcache_ratios")}
     out.update(num_inference_steps=STUDENT_STEPS, guidance_scale=1.0, solver="euler",
                encoder_refresh=list(ENCODER_REFRESH), encoder_reuse=STUDENT_STEPS)
     return out
