@@ -33,7 +33,7 @@ def run_cli(args: list[str]) -> dict:
     if line is None or line.split()[1] != "0":
         raise SystemExit(f"generate failed: {out.stderr.strip().splitlines()[-1:]}")
     _, _, seconds, peak = line.split()
-    return {"seconds": float(seconds), "peak_rss_mb": float(peak)}
+    return {"seconds": float(seconds), "peak_rss_mb": float(peak), "stdout": out.stdout}
 
 
 def main() -> None:

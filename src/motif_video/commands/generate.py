@@ -187,7 +187,7 @@ def run(args) -> int:
     facts = generate_to_file(pipe, out, fps=args.fps, overwrite=args.overwrite, **options)
     total = time.perf_counter() - started
     print(f"wrote {out} ({facts['frames']} frames, {facts['width']}x{facts['height']}) in {total:.1f} s "
-          f"({facts['seconds']:.1f} s generating)")
+          f"({facts['seconds']:.2f} s generating)")
     if cache is not None:
         print(f"{cache.skipped} of {cache.computed + cache.skipped} transformer calls skipped by the cache")
     return 0
