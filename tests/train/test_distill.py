@@ -132,11 +132,29 @@ def test_config_checks():
         load_config(data={**base, "objective": {"encoder_refresh": [0]}})
     with pytest.raises(ConfigError, match="rollout_fraction applies"):
         load_config(data={**base, "objective": {"rollout_fraction": 0.5}})
+    with pytest.raises(ConfigError, match="segment_weights applies"):
+        load_config(data={**base, "objective": {"segment_weights": [1, 1]}})
+    with pytest.raises(ConfigError, match="positive sum"):
+        load_config(data={**base, "objective": {"kind": "distill", "segment_weights": [0, 0]}})
+    with pytest.raises(ConfigError, match="4 weights"):
+        DistillationObjective(seed=0, sigmas=[1.0, 0.9, 0.75, 0.5, 0.0], segment_weights=[1, 1])
     with pytest.raises(ConfigError, match="REPA"):
         load_config(data={**base, "objective": {"kind": "distill"}, "alignment": {}})
     with pytest.raises(ConfigError, match="routing"):
         load_config(data={**base, "objective": {"kind": "distill", "encoder_refresh": [0]},
                           "routing": {"selection_ratio": 0.5, "start_layer": 1, "end_layer": 2}})
+
+
+def test_segment_weights_set_how_often_each_step_is_trained():
+    sigmas = [1.0, 0.9, 0.75, 0.5, 0.0]
+    uniform = DistillationObjective(seed=0, sigmas=sigmas)
+    assert uniform.segment_weights is None  # the default draw is unchanged: runs made before reproduce
+    weighted = DistillationObjective(seed=0, sigmas=sigmas, segment_weights=[0, 1, 1, 2])
+    draws = torch.tensor([weighted.segment(step, sid) for step in range(250) for sid in range(16)])
+    frequency = torch.bincount(draws, minlength=4).double() / draws.numel()
+    assert frequency[0] == 0  # a zero weight is never drawn
+    assert torch.allclose(frequency[1:], torch.tensor([0.25, 0.25, 0.5], dtype=torch.float64), atol=0.03)
+    assert weighted.segment(7, 3) == weighted.segment(7, 3)  # seeded per (step, sample)
 
 
 def test_rollout_states_are_the_students_own_sampling(teacher, tmp_path):

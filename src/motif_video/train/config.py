@@ -145,10 +145,12 @@ class ObjectiveSection:
     # distill: few-step distillation on cached teacher trajectories (train/distill.py; data.cache_dirs are
     # `motif-video distill-data` folders, the fields above are unused); encoder_refresh: the student's sampling
     # steps that run the encoder (the rest reuse it, as the pipeline's encoder_refresh), null: every step;
-    # rollout_fraction: the fraction of samples whose segment starts from the student's own sampled state
+    # rollout_fraction: the fraction of samples whose segment starts from the student's own sampled state;
+    # segment_weights: how often each student step is trained, relative (null: uniformly)
     kind: Literal["flow", "distill"] = "flow"
     encoder_refresh: list[int] | None = None
     rollout_fraction: float = 0.0
+    segment_weights: list[float] | None = None
     image_condition: ImageConditionSection | None = None  # None: text-to-video only
 
     def validate(self, key: str) -> None:
@@ -158,6 +160,11 @@ class ObjectiveSection:
             raise ConfigError(f"{key}.rollout_fraction applies to kind: distill only")
         if not 0.0 <= self.rollout_fraction <= 1.0:
             raise ConfigError(f"{key}.rollout_fraction must be in [0, 1], got {self.rollout_fraction}")
+        if self.segment_weights is not None:
+            if self.kind != "distill":
+                raise ConfigError(f"{key}.segment_weights applies to kind: distill only")
+            if min(self.segment_weights, default=-1) < 0 or sum(self.segment_weights) <= 0:
+                raise ConfigError(f"{key}.segment_weights must be >= 0 with a positive sum, got {self.segment_weights}")
         if self.image_condition is not None:
             self.image_condition.validate(f"{key}.image_condition")
         if self.logit_std <= 0:

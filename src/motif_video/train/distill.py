@@ -242,7 +242,8 @@ class DistillationObjective:
     """Behind the same interface as `objective.FlowMatchingObjective`: `__call__` -> StepLoss, `evaluate`."""
 
     def __init__(self, *, seed: int, sigmas: list[float], encoder_refresh: list[int] | None = None,
-                 rollout_fraction: float = 0.0, num_blocks: int | None = None, route: RouteConfig | None = None,
+                 rollout_fraction: float = 0.0, segment_weights: list[float] | None = None,
+                 num_blocks: int | None = None, route: RouteConfig | None = None,
                  patch_size: tuple[int, int, int] = (1, 2, 2)):
         if len(sigmas) < 2 or any(a <= b for a, b in zip(sigmas, sigmas[1:])) or sigmas[-1] != 0:
             raise ConfigError(f"trajectory sigmas must fall strictly to 0, got {sigmas}")
@@ -252,6 +253,11 @@ class DistillationObjective:
         self.rollout_fraction = rollout_fraction
         self.sigmas = torch.tensor(sigmas, dtype=torch.float64)
         self.steps = len(sigmas) - 1
+        if segment_weights is not None and (len(segment_weights) != self.steps or min(segment_weights) < 0
+                                            or sum(segment_weights) <= 0):
+            raise ConfigError(f"objective.segment_weights must hold {self.steps} weights >= 0 (one per step of the "
+                              f"cache's schedule) with a positive sum, got {segment_weights}")
+        self.segment_weights = None if segment_weights is None else torch.tensor(segment_weights, dtype=torch.float64)
         if encoder_refresh is not None:
             if not encoder_refresh or min(encoder_refresh) != 0 or max(encoder_refresh) >= self.steps:
                 raise ConfigError(f"objective.encoder_refresh must include 0 and lie in [0, {self.steps}) for the "
@@ -269,7 +275,9 @@ class DistillationObjective:
     def segment(self, step: int, sample_id: int) -> int:
         """The segment (student step) sample `sample_id` of the global batch trains on at optimizer step `step`."""
         generator = _generator(sample_seed(self.seed, step, sample_id, "segment"), torch.device("cpu"))
-        return int(torch.randint(self.steps, (), generator=generator))
+        if self.segment_weights is None:
+            return int(torch.randint(self.steps, (), generator=generator))
+        return int(torch.multinomial(self.segment_weights, 1, generator=generator))
 
     def rolls_out(self, step: int, sample_id: int) -> bool:
         """Whether sample `sample_id` starts its segment from the student's own state at optimizer step `step`."""

@@ -256,7 +256,7 @@ class Trainer:
         if c.objective.kind == "distill":
             self.objective = DistillationObjective(
                 seed=c.seed, sigmas=self.dataset.sigmas, encoder_refresh=c.objective.encoder_refresh,
-                rollout_fraction=c.objective.rollout_fraction,
+                rollout_fraction=c.objective.rollout_fraction, segment_weights=c.objective.segment_weights,
                 num_blocks=num_blocks, route=c.route_config(), patch_size=self.objective.patch_size)
 
         # 4. Resume: the newest usable checkpoint (damaged ones are passed over with a warning)
