@@ -27,39 +27,23 @@ class Handoff:
     the student."""
 
     def __init__(self, teacher, student, handoff: int):
-        from motif_video.pipeline.sampler import make_scheduler
-        from motif_video.train.distill import DistillationObjective, student_sigmas
         from motif_video.train.objective import TrainModule
 
         self.teacher, self.student, self.handoff = teacher, student, handoff
         self.defaults = student.defaults
-        steps, k = teacher.defaults.num_inference_steps, student.defaults.num_inference_steps
-        self.sigmas = student_sigmas(make_scheduler("euler", teacher.defaults.shift, steps).sigmas.tolist(), k)
-        self.stride, self.steps = steps // k, k
-        self.objective = DistillationObjective(seed=0, sigmas=self.sigmas,
-                                               encoder_refresh=student.defaults.encoder_refresh)
         self.module = TrainModule(student.transformer)
 
     def __call__(self, prompts: list[str], generator=None, **_) -> "torch.Tensor":
-        from motif_video.pipeline.pipeline import initial_noise
+        from motif_video.train.distill import DistillationObjective, teacher_trajectories
 
-        d = self.teacher.defaults
-        shape = (len(prompts), self.teacher.codec.latent_channels,
-                 *self.teacher.codec.latent_shape(d.num_frames, d.height, d.width))
-        noise = initial_noise(shape, generator)
-        states = [noise.clone()]
-
-        def record(info) -> None:
-            if (info.step + 1) % self.stride == 0:
-                states.append(info.latents.detach().float().clone())
-
-        self.teacher(prompts, latents=noise, output_type="latent", callback=record, progress=False, encoder_reuse=1)
-        trajectory = torch.stack(states, dim=1)  # (B, K+1, C, T', H', W')
+        trajectory, sigmas = teacher_trajectories(self.teacher, prompts, generator=generator, encoder_reuse=1,
+                                                  student_steps=self.defaults.num_inference_steps)
+        objective = DistillationObjective(seed=0, sigmas=sigmas, encoder_refresh=self.defaults.encoder_refresh)
         text, mask = self.student.prompts.encode(prompts)
-        for k in range(self.handoff, self.steps):
+        for k in range(self.handoff, objective.steps):
             segment = torch.full((len(prompts),), k)
-            v = self.objective.velocity(self.module, trajectory, segment, text, mask).float()
-            trajectory[:, k + 1] = trajectory[:, k] + (self.sigmas[k + 1] - self.sigmas[k]) * v
+            v = objective.velocity(self.module, trajectory, segment, text, mask).float()
+            trajectory[:, k + 1] = trajectory[:, k] + (sigmas[k + 1] - sigmas[k]) * v
         video = self.student.codec.decode(trajectory[:, -1])  # (B, 3, T, H, W) in [-1, 1]
         return ((video + 1) / 2).clamp(0, 1).permute(0, 2, 3, 4, 1).numpy()
 

@@ -17,7 +17,7 @@ import torch
 import yaml
 
 from motif_video.cli import main as cli_main
-from motif_video.errors import ConfigError
+from motif_video.errors import ConfigError, MotifVideoError
 from motif_video.pipeline.pipeline import MotifVideoPipeline
 from motif_video.pipeline.sampler import make_scheduler
 from motif_video.testing import save_tiny_pipeline
@@ -58,6 +58,20 @@ def _loss(objective, module, dataset, step=1):
     batch = dataset.collate([dataset[i] for i in range(len(dataset))])
     ids = list(range(len(dataset)))
     return objective(module, batch, step, ids, torch.device("cpu")), [objective.segment(step, i) for i in ids]
+
+
+def test_teacher_trajectories_from_a_generator_end_where_the_pipeline_samples(teacher):
+    """The batch's noise drawn from a generator, as the pipeline draws it: the last state is the pipeline's sample."""
+    _, pipe = teacher
+    sampling = dict(num_inference_steps=8, encoder_reuse=1, **SIZE)
+    states, _ = teacher_trajectories(pipe, PROMPTS, student_steps=4, generator=torch.Generator().manual_seed(3),
+                                     **sampling)
+    sample = pipe(PROMPTS, generator=torch.Generator().manual_seed(3), output_type="latent", progress=False,
+                  **sampling)
+    assert torch.equal(states[:, -1], sample.float())
+    with pytest.raises(MotifVideoError, match="one of them"):
+        teacher_trajectories(pipe, PROMPTS, student_steps=4, seeds=[0] * len(PROMPTS),
+                             generator=torch.Generator(), **sampling)
 
 
 def test_loss_is_zero_on_the_students_own_trajectories_and_analytic_with_an_offset(teacher, tmp_path):

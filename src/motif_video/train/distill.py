@@ -171,10 +171,11 @@ class TrajectoryDataset(ShardedSamples):
 
 
 # -- building the cache: the teacher samples once --------------------------------------------------------------------
-def teacher_trajectories(pipe, prompts: list[str], *, student_steps: int, seeds: list[int],
-                         **sampling) -> tuple[torch.Tensor, list[float]]:
+def teacher_trajectories(pipe, prompts: list[str], *, student_steps: int, seeds: list[int] | None = None,
+                         generator: torch.Generator | None = None, **sampling) -> tuple[torch.Tensor, list[float]]:
     """Sample `prompts` with the teacher pipeline (its defaults unless `sampling` says otherwise; clip i from noise
-    seeded by seeds[i]) and return its states at the student's schedule, (B, K+1, C, T', H', W'), and their sigmas."""
+    seeded by seeds[i], or the batch's noise drawn from `generator` as the pipeline draws it) and return its states at
+    the student's schedule, (B, K+1, C, T', H', W'), and their sigmas."""
     from ..pipeline.pipeline import initial_noise
     from ..pipeline.sampler import make_scheduler
 
@@ -189,7 +190,10 @@ def teacher_trajectories(pipe, prompts: list[str], *, student_steps: int, seeds:
     height, width = sampling.get("height") or d.height, sampling.get("width") or d.width
     frames = sampling.get("num_frames") or d.num_frames
     shape = (1, pipe.codec.latent_channels, *pipe.codec.latent_shape(frames, height, width))
-    noise = torch.cat([initial_noise(shape, torch.Generator().manual_seed(s)) for s in seeds])
+    if (seeds is None) == (generator is None):
+        raise MotifVideoError("teacher_trajectories takes seeds or a generator, one of them")
+    noise = (initial_noise((len(prompts), *shape[1:]), generator) if seeds is None
+             else torch.cat([initial_noise(shape, torch.Generator().manual_seed(s)) for s in seeds]))
     states = [noise.clone()]
 
     def record(info) -> None:
