@@ -48,6 +48,23 @@ def test_mp4_round_trip_exact_count_and_size(tmp_path):
     assert probe_video(out) == {"frames": 17, "height": 64, "width": 48, "fps": 24.0}
 
 
+def test_the_same_frames_give_the_same_file_after_decoding(tmp_path):
+    # A square sliding over a gradient: enough detail that the encoder's decisions show in the file.
+    t, size = 9, 32
+    yy, xx = np.mgrid[0:size, 0:size]
+    x = np.zeros((t, size, size, 3), dtype=np.uint8)
+    for i in range(t):
+        x[i, ..., 0] = 40 + 4 * xx
+        x[i, ..., 1] = 30 + 3 * yy
+        x[i, 8:20, 2 + 2 * i:14 + 2 * i] = (230, 200, 40)
+    files = set()
+    for k in range(8):  # decoding between writes once changed what the encoder wrote for the same frames
+        out = write_video(x, tmp_path / f"c{k}.mp4", fps=24)
+        files.add(out.read_bytes())
+        read_video(out)
+    assert len(files) == 1
+
+
 def test_mp4_odd_size_is_padded_to_even(tmp_path):
     x = np.full((3, 31, 45, 3), 200, dtype=np.uint8)
     out = write_video(x, tmp_path / "odd.mp4")
